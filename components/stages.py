@@ -1,0 +1,137 @@
+"""The KFP components: one thin adapter per stage, from artifacts and parameters to one
+`proxytune.steps` call. No ML logic lives here; dependencies come from the image.
+
+Every component takes the MLflow location and the KFP run id/name, so each stage logs a
+child run under the pipeline run's parent run.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components.base import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def ingest(
+    subject_uri: str,
+    class_noun: str,
+    subject_name: str,
+    identifier: str,
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    subject: Output[Dataset],
+):
+    """Subject photos (s3://bucket/prefix or a folder) -> subject Dataset; validates the run's parameters."""
+    from proxytune.steps import ingest_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    subject.metadata.update(
+        ingest_step(subject_uri, subject.path, class_noun, subject_name, identifier, preset, overrides, tracking)
+    )
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def tune_supervisor(
+    subject: Input[Dataset],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    supervisor: Output[Model],
+):
+    """DreamBooth-LoRA of the diffusion supervisor on the subject photos."""
+    from proxytune.steps import tune_supervisor_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    supervisor.metadata.update(tune_supervisor_step(subject.path, supervisor.path, preset, overrides, tracking))
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def generate_proxy(
+    supervisor: Input[Model],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    proxy: Output[Dataset],
+):
+    """The tuned supervisor generates the proxy Dataset (resumable, reused by content key)."""
+    from proxytune.steps import generate_proxy_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    proxy.metadata.update(generate_proxy_step(supervisor.path, proxy.path, preset, overrides, tracking))
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def tune_student(
+    proxy: Input[Dataset],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    student: Output[Model],
+):
+    """LoRA of the AR student on the proxy Dataset only."""
+    from proxytune.steps import tune_student_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    student.metadata.update(tune_student_step(proxy.path, student.path, preset, overrides, tracking))
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def evaluate(
+    subject: Input[Dataset],
+    supervisor: Input[Model],
+    student: Input[Model],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    samples: Output[Dataset],
+):
+    """CLIP-I / CLIP-T / DINO of student and supervisor on DreamBench prompts, with an HTML report."""
+    from proxytune.steps import evaluate_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    scores = evaluate_step(
+        subject.path, supervisor.path, student.path, samples.path, report.path, preset, overrides, tracking
+    )
+    for name, value in scores.items():
+        metrics.log_metric(name, value)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def register(
+    student: Input[Model],
+    samples: Input[Dataset],
+    registered_model_name: str,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+) -> str:
+    """Register the student in MLflow (alias challenger; champion if the gate passes); returns JSON."""
+    from proxytune.steps import register_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    return register_step(student.path, samples.path, registered_model_name, tracking)

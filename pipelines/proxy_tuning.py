@@ -1,0 +1,106 @@
+"""The Proxy-Tuning pipeline: ingest -> tune_supervisor -> generate_proxy -> tune_student
+-> evaluate -> register.
+
+Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
+- GPU steps request one `nvidia.com/gpu`, tolerate the GPU node pool's taint, mount a
+  memory-backed /dev/shm for data loaders, retry twice (stages resume from the object
+  store) and time out after a day. CPU steps carry no toleration, so they stay off
+  tainted GPU nodes.
+- Endpoints come from the ConfigMap `proxytune-config`, keys from the Secret
+  `proxytune-s3`; the compiled YAML names them and holds no value of either.
+- `register` is never cached: each run registers a version.
+"""
+
+
+from typing import NamedTuple
+
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import HTML, Metrics
+
+from components import evaluate, generate_proxy, ingest, register, tune_student, tune_supervisor
+
+PIPELINE_NAME = "proxy-tuning"
+CONFIG_MAP = "proxytune-config"
+CONFIG_ENV = {
+    "s3-endpoint-url": "PROXYTUNE_S3_ENDPOINT_URL",
+    "s3-bucket": "PROXYTUNE_S3_BUCKET",
+    "mlflow-tracking-uri": "MLFLOW_TRACKING_URI",
+}
+S3_SECRET = "proxytune-s3"
+SECRET_ENV = {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TIMEOUT_S = 24 * 3600
+CPU_TIMEOUT_S = 3600
+
+
+class Outputs(NamedTuple):
+    registration: str
+    metrics: Metrics
+    report: HTML
+
+
+def _platform(task: dsl.PipelineTask, gpu: bool) -> dsl.PipelineTask:
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
+    kubernetes.use_secret_as_env(task, S3_SECRET, SECRET_ENV)
+    if gpu:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        task.set_retry(num_retries=2, backoff_duration="60s")
+    kubernetes.set_timeout(task, GPU_TIMEOUT_S if gpu else CPU_TIMEOUT_S)
+    return task
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Proxy-Tuning: DreamBooth-LoRA a diffusion supervisor on a subject, generate proxy images, "
+    "LoRA-tune an AR student on them, evaluate both and register the student in MLflow.",
+)
+def proxy_tuning(
+    subject_uri: str,
+    class_noun: str,
+    subject_name: str = "",
+    identifier: str = "sks",
+    preset: str = "tiny",
+    overrides: dict = {},  # noqa: B006 (KFP needs a literal default)
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "proxytune",
+    registered_model_name: str = "",
+) -> Outputs:
+    tracking = {
+        "mlflow_tracking_uri": mlflow_tracking_uri,
+        "mlflow_experiment": mlflow_experiment,
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    }
+    run = {"preset": preset, "overrides": overrides, **tracking}
+    subject = ingest(
+        subject_uri=subject_uri, class_noun=class_noun, subject_name=subject_name, identifier=identifier, **run
+    ).set_display_name("ingest")
+    supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
+    proxy = generate_proxy(supervisor=supervisor.outputs["supervisor"], **run)
+    student = tune_student(proxy=proxy.outputs["proxy"], **run)
+    scores = evaluate(
+        subject=subject.outputs["subject"],
+        supervisor=supervisor.outputs["supervisor"],
+        student=student.outputs["student"],
+        **run,
+    )
+    registration = register(
+        student=student.outputs["student"],
+        samples=scores.outputs["samples"],
+        registered_model_name=registered_model_name,
+        **tracking,
+    ).set_caching_options(False)
+    for task in (subject, registration):
+        _platform(task, gpu=False)
+    for task in (supervisor, proxy, student, scores):
+        _platform(task, gpu=True)
+    return Outputs(
+        registration=registration.output, metrics=scores.outputs["metrics"], report=scores.outputs["report"]
+    )
+
+
+def compile_pipeline(path: str) -> str:
+    compiler.Compiler().compile(proxy_tuning, package_path=path)
+    return path

@@ -1,0 +1,168 @@
+"""What a backend of each kind provides, and helpers they share.
+
+The stage code (`proxytune.supervisor`, `proxytune.student`, `proxytune.evaluate`) is
+model-agnostic: it owns loops, batching, caching, logging and file formats; a family
+module only says how to load its model, encode, compute its loss and sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_PREFIX = "tiny-"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a hub id (with revision), a local folder, an s3:// prefix,
+    or `tiny:<name>` for the random-weight test models built from configs."""
+
+    id: str
+    revision: str | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.id.startswith("tiny:")
+
+    def local_or_hub(self) -> str:
+        """A path or hub id that `from_pretrained` accepts (s3:// sources are staged first)."""
+        from proxytune.weights import stage_weights
+
+        return stage_weights(self.id) if self.id.startswith("s3://") else self.id
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """Frozen base weights: bf16 on GPU (LoRA weights stay fp32), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed global RNG state, restoring the previous one afterwards.
+
+    Tiny models are built inside it, so every process builds bit-identical random weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class SupervisorBackend(ABC):
+    """A diffusion model family that can be DreamBooth-LoRA-tuned and sampled."""
+
+    name: str
+    source: ModelSource
+    resolution: int
+
+    @abstractmethod
+    def load(self, device: torch.device, source: ModelSource | None = None) -> None:
+        """Load the frozen base pipeline (`source` overrides the backend's default weights)."""
+
+    @abstractmethod
+    def add_lora(self, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+        """Inject LoRA layers; return the trainable parameters."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) -> latents the loss is computed on."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> conditioning for the denoiser."""
+
+    @abstractmethod
+    def training_loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The family's denoising objective; all randomness from `generator`."""
+
+    @abstractmethod
+    def save_lora(self, out_dir: str) -> list[str]:
+        """Write the adapter weights (safetensors); return the file names written."""
+
+    @abstractmethod
+    def load_lora(self, adapter_dir: str) -> None: ...
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float
+    ) -> list[Image.Image]:
+        """One image per prompt; image i depends only on (prompt i, seed i)."""
+
+
+class StudentBackend(ABC):
+    """An AR image-token model family that can be LoRA-tuned on VQ codes and sampled."""
+
+    name: str
+    source: ModelSource
+    resolution: int
+    lora_target_modules: str
+    model: torch.nn.Module
+
+    @abstractmethod
+    def load(self, device: torch.device, source: ModelSource | None = None) -> None: ...
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, R, R) -> VQ codes (N, T), int64."""
+
+    @abstractmethod
+    def tokenize(self, prompts: Sequence[str], unconditional: Sequence[bool]) -> dict[str, torch.Tensor]:
+        """Prompts -> model inputs ending right before the first image token."""
+
+    @abstractmethod
+    def nll(self, inputs: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `codes` given the prompts (teacher forcing)."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], guidance_scale: float, seed: int) -> list[Image.Image]: ...
+
+
+class ImageEncoder(ABC):
+    """A frozen feature extractor for evaluation (CLIP or DINO style)."""
+
+    name: str
+    source: ModelSource
+
+    @abstractmethod
+    def load(self, device: torch.device) -> None: ...
+
+    @abstractmethod
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) L2-normalised features."""
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no text tower")
+
+
+def pixel_batch(
+    images: Sequence[Image.Image], resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Encoder preprocessing: shortest side to `resize` (bicubic), center crop, normalise."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = resize / min(image.size)
+        width, height = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - crop) // 2, (height - crop) // 2
+        arrays.append(np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return (batch - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def write_adapter_config(out_dir: str | Path, lora_config) -> str:
+    """`adapter_config.json` in peft's format, for adapters saved in another weight layout."""
+    Path(out_dir, "adapter_config.json").write_text(json.dumps(lora_config.to_dict(), indent=2, default=sorted))
+    return "adapter_config.json"

@@ -1,0 +1,128 @@
+"""Command line: `proxytune run --local`, `proxytune compile`, `proxytune backends`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxytune", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the Proxy-Tuning pipeline")
+    run.add_argument("--local", action="store_true", required=True, help="run on this machine through kfp.local")
+    run.add_argument("--subject", help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog)")
+    run.add_argument("--class-noun", help="the subject's class, e.g. dog, backpack (default with the example: dog)")
+    run.add_argument("--name", default="", help="subject name (default: the folder name)")
+    run.add_argument("--identifier", default="sks", help="rare token bound to the subject (default: sks)")
+    run.add_argument("--preset", default="tiny", help="parameter preset: tiny (CPU, default) or paper (GPU)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one parameter, e.g. --set supervisor.steps=100 (repeatable)",
+    )
+    run.add_argument("--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)")
+    run.add_argument("--experiment", default="proxytune", help="MLflow experiment")
+    run.add_argument("--model-name", default="", help="registered model name (default: proxytune-<subject>)")
+    run.set_defaults(handler=_run)
+
+    compile_ = commands.add_parser("compile", help="compile the pipeline to KFP YAML")
+    compile_.add_argument("-o", "--output", default="proxy-tuning.yaml", help="output file")
+    compile_.set_defaults(handler=_compile)
+
+    backends = commands.add_parser("backends", help="list the model backends by kind")
+    backends.set_defaults(handler=_backends)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxytune.config import parse_overrides
+    from proxytune.local import EXAMPLE_CLASS, EXAMPLE_SUBJECT, run_local
+
+    if args.subject is None:
+        subject, class_noun = str(EXAMPLE_SUBJECT), args.class_noun or EXAMPLE_CLASS
+    elif not args.class_noun:
+        raise ValueError("--class-noun is required with --subject (e.g. --class-noun dog)")
+    else:
+        subject, class_noun = args.subject, args.class_noun
+    console.rule(f"proxytune: {subject} ({class_noun}), preset {args.preset}")
+    try:
+        summary = run_local(
+            subject,
+            class_noun,
+            args.workdir,
+            subject_name=args.name,
+            identifier=args.identifier,
+            preset=args.preset,
+            overrides=parse_overrides(args.overrides),
+            experiment=args.experiment,
+            registered_model_name=args.model_name,
+        )
+    except RuntimeError as error:
+        console.print(f"[red]pipeline failed:[/red] {error}")
+        console.print(f"summary: {Path(args.workdir).resolve() / 'summary.json'}")
+        return 1
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="Subject fidelity (raw cosine, all pairs)")
+    table.add_column("model")
+    for label in ("CLIP-I", "CLIP-T", "DINO"):
+        table.add_column(label, justify="right")
+    for model in ("student", "supervisor"):
+        scores = summary["metrics"][model]
+        table.add_row(model, *(f"{scores[k]:.4f}" for k in ("clip_i", "clip_t", "dino")))
+    console.print(table)
+    model = summary["registered_model"]
+    console.print(f"registered: [bold]{model['name']}[/bold] v{model['version']} {model['aliases']} ({model['gate']})")
+    console.print(f"report:     {summary['report']}")
+    console.print(f"summary:    {Path(summary['workdir']) / 'summary.json'}  ({summary['seconds']} s)")
+    uri = summary["mlflow"]["tracking_uri"]
+    if uri.startswith("sqlite:"):
+        console.print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    else:
+        console.print(f"MLflow:     {uri} (run {summary['mlflow']['parent_run_id']})")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.proxy_tuning import compile_pipeline
+
+    console.print(f"compiled pipeline -> {compile_pipeline(args.output)}")
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from proxytune.registry import REGISTRIES
+
+    table = Table(title="proxytune backends")
+    for column in ("kind", "name", "description"):
+        table.add_column(column)
+    for kind, registry in REGISTRIES.items():
+        for name, description in registry.describe().items():
+            table.add_row(kind, name, description)
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Run parameters: one validated model per stage, presets, and overrides.
+
+A run is described by a preset name plus overrides, e.g. `{"supervisor.steps": 100}` or
+`{"supervisor": {"steps": 100}}`. Both reach every pipeline step as plain parameters and
+are resolved here, so the Kubeflow UI, the CLI and tests share one source of truth, and a
+typo or bad value fails in the first (CPU) step with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SupervisorParams(_Params):
+    """DreamBooth-LoRA on the diffusion supervisor."""
+
+    backend: str = "tiny-sd"
+    model_source: str | None = Field(None, description="hub id, folder or s3:// prefix; default: the backend's")
+    steps: int = Field(40, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    rank: int = Field(4, gt=0)
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: equal to rank")
+    batch_size: int = Field(1, gt=0)
+    resolution: int | None = Field(None, gt=0, description="training size; default: the backend's")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    _check_backend = field_validator("backend")(lambda v: SUPERVISORS.check(v))
+
+
+class ProxyParams(_Params):
+    """Proxy dataset generation by the tuned supervisor."""
+
+    num_images: int = Field(16, gt=0)
+    batch_size: int = Field(8, gt=0)
+    inference_steps: int = Field(10, gt=0)
+    guidance_scale: float = Field(5.0, ge=1.0)
+    prompt_template: str = "a {identifier} {class_noun}"
+    shard_size: int = Field(1000, gt=0)
+    seed: int = 0
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_names_subject(cls, value: str) -> str:
+        try:
+            value.format(identifier="sks", class_noun="dog")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"prompt_template may use only {{identifier}} and {{class_noun}}: {error}") from None
+        if "{identifier}" not in value:
+            raise ValueError("prompt_template must contain {identifier}")
+        return value
+
+
+class StudentParams(_Params):
+    """LoRA on the AR student, trained on the proxy dataset only."""
+
+    backend: str = "tiny-janus"
+    model_source: str | None = None
+    steps: int = Field(40, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    rank: int = Field(8, gt=0)
+    alpha: float | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    null_prompt_prob: float = Field(0.05, ge=0.0, lt=1.0, description="prompt dropout, for CFG")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    _check_backend = field_validator("backend")(lambda v: STUDENTS.check(v))
+
+
+class EvalParams(_Params):
+    """DreamBench-style evaluation of student and supervisor."""
+
+    clip_encoder: str = "tiny-clip"
+    dino_encoder: str = "tiny-dino"
+    num_prompts: int = Field(2, gt=0, le=25)
+    images_per_prompt: int = Field(2, gt=0)
+    student_guidance_scale: float = Field(5.0, ge=1.0)
+    supervisor_guidance_scale: float = Field(5.0, ge=1.0)
+    supervisor_inference_steps: int = Field(10, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+
+    _check_encoders = field_validator("clip_encoder", "dino_encoder")(lambda v: ENCODERS.check(v))
+
+
+class RunParams(_Params):
+    supervisor: SupervisorParams = SupervisorParams()
+    proxy: ProxyParams = ProxyParams()
+    student: StudentParams = StudentParams()
+    evaluation: EvalParams = EvalParams()
+
+    @classmethod
+    def resolve(cls, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> RunParams:
+        """Preset values, then `overrides` on top; raises ValueError naming bad fields."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+        merged = _deep_merge(copy.deepcopy(PRESETS[preset]), _nest(overrides or {}))
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors(include_url=False)
+            )
+            raise ValueError(f"invalid run parameters (preset {preset!r}): {problems}") from None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU, random-weight tiny models: the whole pipeline in minutes; what tests and the demo run.
+    "tiny": {},
+    # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
+    "paper": {
+        "supervisor": {"backend": "sd15", "steps": 500, "learning_rate": 1e-4, "rank": 4},
+        "proxy": {"num_images": 1000, "batch_size": 8, "inference_steps": 50, "guidance_scale": 7.5},
+        "student": {
+            "backend": "janus-pro-1b",
+            "steps": 2000,
+            "learning_rate": 1e-4,
+            "rank": 128,
+            "batch_size": 8,
+        },
+        "evaluation": {
+            "clip_encoder": "clip-vit-b32",
+            "dino_encoder": "dino-vits16",
+            "num_prompts": 25,
+            "images_per_prompt": 4,
+            "supervisor_guidance_scale": 7.5,
+            "supervisor_inference_steps": 50,
+        },
+    },
+}
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`["supervisor.steps=100", "proxy.prompt_template=a {identifier} {class_noun}"]` -> dict.
+
+    Values are read as JSON when they parse as JSON (numbers, booleans, null), else as text.
+    """
+    import json
+
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r} conflicts with another override")
+        node[leaf] = _nest(value) if isinstance(value, dict) else value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base

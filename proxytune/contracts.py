@@ -1,0 +1,128 @@
+"""The files inside each KFP artifact (DESIGN.md, "Artifact contracts"), as validated models.
+
+Every stage reads its inputs through these, so a malformed or foreign artifact fails with
+a message naming the file instead of deep inside a model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxytune.fsutil import atomic_write_json, read_json
+
+SUBJECT_FILE = "subject.json"
+CARD_FILE = "proxytune.json"
+MANIFEST_FILE = "manifest.jsonl"
+PROXY_FILE = "proxy.json"
+EVALUATION_FILE = "evaluation.json"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_*-]{0,31}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def read(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a proxytune {cls.__name__} artifact")
+        try:
+            return cls.model_validate(read_json(path))
+        except (ValidationError, ValueError) as error:
+            raise ValueError(f"{path} is not a valid {cls.__name__}: {error}") from None
+
+    def write(self, path: str | Path) -> None:
+        atomic_write_json(path, self.model_dump(mode="json"))
+
+
+class SubjectImage(_Contract):
+    file: str
+    sha256: str
+
+
+class Subject(_Contract):
+    """`subject.json` of a subject Dataset (images in `images/NN.png`)."""
+
+    name: str
+    class_noun: str
+    identifier: str
+    source_uri: str
+    images: list[SubjectImage] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"subject name {value!r} must be lower-case letters, digits, '-', '_' or '.'")
+        return value
+
+    @field_validator("identifier")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"identifier {value!r} must be one word (letters, digits, '_', '*', '-')")
+        return value
+
+    @field_validator("class_noun")
+    @classmethod
+    def _noun(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not value:
+            raise ValueError("class noun must not be empty")
+        return value
+
+    def prompt(self, template: str) -> str:
+        return template.format(identifier=self.identifier, class_noun=self.class_noun)
+
+
+class ModelRef(_Contract):
+    id: str
+    revision: str | None = None
+
+
+class AdapterCard(_Contract):
+    """`proxytune.json` beside a supervisor or student adapter."""
+
+    kind: Literal["supervisor", "student"]
+    backend: str
+    base_model: ModelRef
+    subjects: list[str]
+    identifier: str
+    class_noun: str
+    params: dict[str, Any]
+    steps_done: int
+    losses: list[float]
+    eval_loss_before: float
+    eval_loss_after: float
+    adapter_files: list[str]
+    adapter_sha256: str
+    proxytune_version: str
+
+
+class ProxyRecord(_Contract):
+    """One line of a proxy Dataset's `manifest.jsonl`."""
+
+    file: str
+    prompt: str
+    seed: int
+    supervisor: str
+    scores: dict[str, float] | None = None
+
+
+class ProxyInfo(_Contract):
+    """`proxy.json`: how a proxy Dataset was made; `key` addresses it in the object store."""
+
+    key: str
+    subject: str
+    identifier: str
+    class_noun: str
+    supervisor: str
+    params: dict[str, Any]
+    num_images: int
+    complete: bool = False

@@ -1,0 +1,117 @@
+"""`proxytune run --local`: the same KFP pipeline on this machine through `kfp.local`.
+
+Embedded defaults, each overridable by the environment:
+- MLflow: `sqlite:///<workdir>/mlflow.db` (artifacts in `<workdir>/mlartifacts`) unless
+  `MLFLOW_TRACKING_URI` is set;
+- object store: `<workdir>/store` unless `PROXYTUNE_S3_ENDPOINT_URL` (MinIO/S3) or
+  `PROXYTUNE_STORE_DIR` is set.
+Tasks run as subprocesses of this interpreter (`SubprocessRunner(use_venv=False)`), so
+the installed project is what runs; nothing is pip-installed at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from proxytune.config import RunParams
+from proxytune.fsutil import atomic_write_json
+from proxytune.ingest import scan_subject, subject_fields
+from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SUBJECT = REPO_ROOT / "examples" / "subjects" / "dog"
+EXAMPLE_CLASS = "dog"
+
+
+@contextlib.contextmanager
+def _environment(defaults: dict[str, str]) -> Iterator[None]:
+    """Set variables that are not set yet (inherited by the task subprocesses), then restore."""
+    added = {k: v for k, v in defaults.items() if not os.environ.get(k)}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def local_defaults(workdir: Path) -> dict[str, str]:
+    defaults = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    if not os.environ.get(ENDPOINT_ENV):
+        defaults[STORE_DIR_ENV] = str(workdir / "store")
+    return defaults
+
+
+def run_local(
+    subject_uri: str,
+    class_noun: str,
+    workdir: str | Path,
+    subject_name: str = "",
+    identifier: str = "sks",
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    experiment: str = "proxytune",
+    registered_model_name: str = "",
+) -> dict[str, Any]:
+    """Validate the inputs, run the pipeline, write and return `<workdir>/summary.json`.
+
+    Bad inputs raise ValueError before any task starts; a failed task gives a summary with
+    status "failed" (and RuntimeError from kfp)."""
+    from kfp import local
+
+    from pipelines.proxy_tuning import proxy_tuning
+
+    overrides = overrides or {}
+    workdir = Path(workdir).resolve()
+    RunParams.resolve(preset, overrides)
+    subject_fields(subject_uri, class_noun, subject_name or None, identifier)
+    scan_subject(subject_uri)
+    workdir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"status": "running", "workdir": str(workdir), "subject_uri": subject_uri}
+    started = time.monotonic()
+    with _environment(local_defaults(workdir)):
+        tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root"))
+        try:
+            task = proxy_tuning(
+                subject_uri=str(subject_uri),
+                class_noun=class_noun,
+                subject_name=subject_name,
+                identifier=identifier,
+                preset=preset,
+                overrides=overrides,
+                mlflow_experiment=experiment,
+                registered_model_name=registered_model_name,
+            )
+        except RuntimeError as error:
+            summary.update(status="failed", error=str(error), seconds=round(time.monotonic() - started, 1))
+            atomic_write_json(workdir / "summary.json", summary)
+            raise
+    registration = json.loads(task.outputs["registration"])
+    summary.update(
+        status="succeeded",
+        seconds=round(time.monotonic() - started, 1),
+        metrics=registration["metrics"],
+        report=task.outputs["report"].path,
+        mlflow={
+            "tracking_uri": tracking_uri,
+            "experiment": experiment,
+            "parent_run_id": registration["parent_run_id"],
+        },
+        registered_model={
+            "name": registration["name"],
+            "version": registration["version"],
+            "aliases": registration["aliases"],
+            "gate": registration["gate_reason"],
+        },
+    )
+    atomic_write_json(workdir / "summary.json", summary)
+    return summary

@@ -1,0 +1,110 @@
+"""The evaluation report: one self-contained HTML page (images inlined), which the Kubeflow
+UI renders for the HTML artifact and MLflow shows as a run artifact."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from proxytune.contracts import AdapterCard, Subject
+from proxytune.fsutil import atomic_write_text
+from proxytune.images import data_uri, image_grid
+
+THUMB = 160
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1100px}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
+th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e8f5e9}
+.row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}.cap{font-size:.85rem;color:#555}
+img{image-rendering:auto;border:1px solid #ddd}
+"""
+
+
+def write_report(
+    path: str | Path,
+    subject: Subject,
+    photos: Sequence[Image.Image],
+    evaluation: Mapping,
+    samples: Mapping[str, Sequence[Image.Image]],
+    cards: Mapping[str, AdapterCard],
+) -> None:
+    metrics = evaluation["metrics"]
+    per_prompt = len(samples["student"]) // len(evaluation["per_prompt"]["student"])
+    parts = [
+        f"<h1>Proxy-Tuning report: {_e(subject.name)} ({_e(subject.class_noun)})</h1>",
+        f"<p>Student <b>{_e(cards['student'].backend)}</b> tuned on proxy images from supervisor "
+        f"<b>{_e(cards['supervisor'].backend)}</b>; identifier <code>{_e(subject.identifier)}</code>.</p>",
+        "<h2>Subject fidelity</h2>",
+        _metrics_table(metrics),
+        f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_e(evaluation['encoders']['clip'])}, "
+        f"DINO {_e(evaluation['encoders']['dino'])}.</p>",
+        f"<img alt='training curves and metrics' src='{_plots(metrics, cards)}'>",
+        "<h2>Reference photos</h2>",
+        _img(image_grid(photos, columns=len(photos), cell=THUMB)),
+        "<h2>Samples</h2>",
+    ]
+    for p, row in enumerate(evaluation["per_prompt"]["student"]):
+        cells = []
+        for model in ("student", "supervisor"):
+            images = samples[model][p * per_prompt : (p + 1) * per_prompt]
+            score = evaluation["per_prompt"][model][p]
+            cells.append(
+                f"<div>{_img(image_grid(images, columns=per_prompt, cell=THUMB))}<div class=cap>{model}: "
+                f"CLIP-I {score['clip_i']:.3f} · CLIP-T {score['clip_t']:.3f} · DINO {score['dino']:.3f}</div></div>"
+            )
+        prompt = row["prompt"].format(identifier=subject.identifier, class_noun=subject.class_noun)
+        parts.append(f"<h3>{_e(prompt)}</h3><div class=row>{''.join(cells)}</div>")
+    body = "\n".join(parts)
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>proxytune: {_e(subject.name)}</title>"
+    atomic_write_text(path, f"{page}<style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _img(image: Image.Image) -> str:
+    return f"<img alt='' src='{data_uri(image)}'>"
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    rows = []
+    for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
+        student, supervisor = metrics["student"][key], metrics["supervisor"][key]
+        cls = ("best", "") if student >= supervisor else ("", "best")
+        rows.append(
+            f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td><td class='{cls[1]}'>{supervisor:.4f}</td>"
+            f"<td>{student - supervisor:+.4f}</td></tr>"
+        )
+    head = "<tr><th>metric</th><th>student</th><th>supervisor</th><th>student − supervisor</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Mapping[str, AdapterCard]) -> str:
+    """Training-loss curves of both adapters and a bar chart of the metrics, as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.2), dpi=90)
+    for axis, model in zip(axes[:2], ("supervisor", "student"), strict=True):
+        card = cards[model]
+        axis.plot(range(1, len(card.losses) + 1), card.losses, lw=1)
+        axis.set_title(f"{model} training loss ({card.backend})")
+        axis.set_xlabel("step")
+    keys = ("clip_i", "clip_t", "dino")
+    for offset, model in ((-0.2, "student"), (0.2, "supervisor")):
+        axes[2].bar([i + offset for i in range(3)], [metrics[model][k] for k in keys], width=0.4, label=model)
+    axes[2].set_xticks(range(3), ["CLIP-I", "CLIP-T", "DINO"])
+    axes[2].legend()
+    axes[2].set_title("subject fidelity")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return data_uri(Image.open(io.BytesIO(buffer.getvalue())))

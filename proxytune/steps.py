@@ -1,0 +1,132 @@
+"""Pipeline steps: what each KFP component calls, one function per stage.
+
+A step resolves the run parameters (preset + overrides), opens the stage's MLflow child
+run, picks the object store from the environment and calls the stage's library function;
+it returns small metadata for the KFP artifact. Components stay one call long, and every
+step can be run from a test or a notebook with plain paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxytune.config import RunParams
+from proxytune.tracking import TrackingContext, stage_run
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("urllib3", "matplotlib", "PIL", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
+def ingest_step(
+    subject_uri: str,
+    out_dir: str,
+    class_noun: str,
+    subject_name: str,
+    identifier: str,
+    preset: str,
+    overrides: dict[str, Any],
+    tracking: TrackingContext,
+) -> dict[str, Any]:
+    """Validate the whole run's parameters (before any GPU step), then ingest the photos."""
+    from proxytune.ingest import ingest
+    from proxytune.storage import store_from_env
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    with stage_run(tracking, "ingest") as tracker:
+        subject = ingest(subject_uri, out_dir, class_noun, subject_name or None, identifier, store_from_env())
+        tracker.log_params(
+            {"preset": preset, "overrides": json.dumps(overrides, sort_keys=True), **subject.model_dump(exclude={"images"})}
+        )
+        tracker.log_params({"run": params.model_dump()})
+        tracker.log_metric("photos", len(subject.images))
+        tracker.log_artifacts(Path(out_dir) / "images", "subject")
+        return {"subject": subject.name, "photos": len(subject.images), "mlflow_run_id": tracker.run_id or ""}
+
+
+def tune_supervisor_step(
+    subject_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+) -> dict[str, Any]:
+    from proxytune.supervisor import tune_supervisor
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    with stage_run(tracking, "tune_supervisor") as tracker:
+        card = tune_supervisor(subject_dir, out_dir, params.supervisor, tracker)
+        return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
+
+
+def generate_proxy_step(
+    supervisor_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+) -> dict[str, Any]:
+    from proxytune.proxy import generate_proxy
+    from proxytune.storage import store_from_env
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    with stage_run(tracking, "generate_proxy") as tracker:
+        info = generate_proxy(supervisor_dir, out_dir, params.proxy, store_from_env(), tracker)
+        return {"images": info.num_images, "key": info.key, "mlflow_run_id": tracker.run_id or ""}
+
+
+def tune_student_step(
+    proxy_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+) -> dict[str, Any]:
+    from proxytune.storage import store_from_env
+    from proxytune.student import tune_student
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    with stage_run(tracking, "tune_student") as tracker:
+        card = tune_student(proxy_dir, out_dir, params.student, store_from_env(), tracker)
+        return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
+
+
+def evaluate_step(
+    subject_dir: str,
+    supervisor_dir: str,
+    student_dir: str,
+    samples_dir: str,
+    report_path: str,
+    preset: str,
+    overrides: dict[str, Any],
+    tracking: TrackingContext,
+) -> dict[str, float]:
+    """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact).
+    Returns flat metrics (`student_dino`, ...) for the KFP Metrics artifact."""
+    from proxytune.evaluate import evaluate
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    with stage_run(tracking, "evaluate") as tracker:
+        evaluation = evaluate(subject_dir, supervisor_dir, student_dir, samples_dir, params.evaluation, tracker)
+    shutil.copyfile(Path(samples_dir) / "report.html", report_path)
+    return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
+
+
+def register_step(student_dir: str, samples_dir: str, model_name: str, tracking: TrackingContext) -> str:
+    """Register the student; returns the registration as JSON (the pipeline's output)."""
+    from proxytune.evaluate import read_evaluation
+    from proxytune.registration import default_model_name, register
+
+    configure_logging()
+    evaluation = read_evaluation(samples_dir)
+    with stage_run(tracking, "register", closes_pipeline=True) as tracker:
+        registration = register(
+            student_dir, evaluation, model_name or default_model_name(evaluation["subject"]), tracking, tracker
+        )
+        return registration.model_dump_json()
+

@@ -1,0 +1,112 @@
+"""Supervisor tuning: DreamBooth-LoRA of a diffusion model on the subject photos."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from proxytune import __version__
+from proxytune.backends._base import ModelSource, SupervisorBackend, default_device
+from proxytune.config import SupervisorParams
+from proxytune.contracts import CARD_FILE, AdapterCard, ModelRef
+from proxytune.fsutil import atomic_directory, sha256_file
+from proxytune.images import to_tensor
+from proxytune.ingest import load_subject
+from proxytune.registry import SUPERVISORS
+from proxytune.tracking import Tracker
+from proxytune.training import fixed_loss, train_lora
+
+log = logging.getLogger(__name__)
+INSTANCE_TEMPLATE = "a {identifier} {class_noun}"
+EVAL_SEEDS = range(10_000, 10_008)
+
+
+def tune_supervisor(
+    subject_dir: str | Path,
+    out_dir: str | Path,
+    params: SupervisorParams,
+    tracker: Tracker | None = None,
+    device: torch.device | None = None,
+) -> AdapterCard:
+    """DreamBooth-LoRA on `a {identifier} {class_noun}`; writes the adapter to `out_dir`."""
+    tracker = tracker or Tracker()
+    subject, photos = load_subject(subject_dir)
+    backend: SupervisorBackend = SUPERVISORS.create(params.backend)
+    source = ModelSource(params.model_source) if params.model_source else backend.source
+    log.info("loading supervisor %s (%s)", backend.name, source.id)
+    backend.load(device or default_device(), source)
+    resolution = params.resolution or backend.resolution
+    backend.resolution = resolution
+    alpha = params.alpha or float(params.rank)
+    tracker.log_params({**params.model_dump(), "resolution": resolution, "alpha": alpha, "photos": len(photos)})
+
+    latents = backend.encode_images(to_tensor(photos, resolution))
+    cond = backend.encode_prompts([subject.prompt(INSTANCE_TEMPLATE)])
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
+        index = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
+        return backend.training_loss(latents[index], cond.expand(params.batch_size, -1, -1), generator)
+
+    def all_photos_loss(generator: torch.Generator) -> torch.Tensor:
+        return backend.training_loss(latents, cond.expand(latents.shape[0], -1, -1), generator)
+
+    trainable = backend.add_lora(params.rank, alpha)
+    before = fixed_loss(all_photos_loss, EVAL_SEEDS)
+    losses = train_lora(
+        trainable,
+        batch_loss,
+        steps=params.steps,
+        learning_rate=params.learning_rate,
+        max_grad_norm=params.max_grad_norm,
+        seed=params.seed,
+        tracker=tracker,
+        desc=f"supervisor {backend.name}",
+    )
+    after = fixed_loss(all_photos_loss, EVAL_SEEDS)
+    log.info("supervisor fixed-draw loss %.4f -> %.4f", before, after)
+    tracker.log_metrics({"eval_loss_before": before, "eval_loss_after": after})
+
+    with atomic_directory(out_dir) as tmp:
+        files = backend.save_lora(str(tmp))
+        card = AdapterCard(
+            kind="supervisor",
+            backend=backend.name,
+            base_model=ModelRef(id=source.id, revision=source.revision),
+            subjects=[subject.name],
+            identifier=subject.identifier,
+            class_noun=subject.class_noun,
+            params={**params.model_dump(), "resolution": resolution, "alpha": alpha},
+            steps_done=len(losses),
+            losses=losses,
+            eval_loss_before=before,
+            eval_loss_after=after,
+            adapter_files=files,
+            adapter_sha256=sha256_file(tmp / files[0]),
+            proxytune_version=__version__,
+        )
+        card.write(tmp / CARD_FILE)
+    tracker.log_artifacts(out_dir, "supervisor")
+    return card
+
+
+def load_supervisor(adapter_dir: str | Path, device: torch.device | None = None) -> tuple[SupervisorBackend, AdapterCard]:
+    """Base pipeline + the adapter in `adapter_dir`, checked against its card."""
+    card = read_card(adapter_dir, "supervisor")
+    backend: SupervisorBackend = SUPERVISORS.create(card.backend)
+    backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
+    backend.resolution = card.params["resolution"]
+    backend.load_lora(str(adapter_dir))
+    return backend, card
+
+
+def read_card(adapter_dir: str | Path, kind: str) -> AdapterCard:
+    """The adapter card, after checking its kind and the weights' hash."""
+    card = AdapterCard.read(Path(adapter_dir) / CARD_FILE)
+    if card.kind != kind:
+        raise ValueError(f"{adapter_dir} holds a {card.kind} adapter, expected a {kind} adapter")
+    weights = Path(adapter_dir) / card.adapter_files[0]
+    if not weights.is_file() or sha256_file(weights) != card.adapter_sha256:
+        raise ValueError(f"{weights} is missing or does not match the sha256 in {CARD_FILE}")
+    return card
