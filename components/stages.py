@@ -31,7 +31,9 @@ def ingest(
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     subject.metadata.update(
-        ingest_step(subject_uri, subject.path, class_noun, subject_name, identifier, preset, overrides, tracking)
+        ingest_step(
+            subject_uri, subject.path, class_noun, subject_name, identifier, preset, overrides, tracking
+        )
     )
 
 
@@ -51,7 +53,9 @@ def tune_supervisor(
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    supervisor.metadata.update(tune_supervisor_step(subject.path, supervisor.path, preset, overrides, tracking))
+    supervisor.metadata.update(
+        tune_supervisor_step(subject.path, supervisor.path, preset, overrides, tracking)
+    )
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -11,7 +11,6 @@ Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
 - `register` is never cached: each run registers a version.
 """
 
-
 from typing import NamedTuple
 
 from kfp import compiler, dsl, kubernetes
@@ -75,7 +74,11 @@ def proxy_tuning(
     }
     run = {"preset": preset, "overrides": overrides, **tracking}
     subject = ingest(
-        subject_uri=subject_uri, class_noun=class_noun, subject_name=subject_name, identifier=identifier, **run
+        subject_uri=subject_uri,
+        class_noun=class_noun,
+        subject_name=subject_name,
+        identifier=identifier,
+        **run,
     ).set_display_name("ingest")
     supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
     proxy = generate_proxy(supervisor=supervisor.outputs["supervisor"], **run)

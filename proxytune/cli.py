@@ -29,17 +29,29 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the Proxy-Tuning pipeline")
-    run.add_argument("--local", action="store_true", required=True, help="run on this machine through kfp.local")
-    run.add_argument("--subject", help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog)")
-    run.add_argument("--class-noun", help="the subject's class, e.g. dog, backpack (default with the example: dog)")
+    run.add_argument(
+        "--local", action="store_true", required=True, help="run on this machine through kfp.local"
+    )
+    run.add_argument(
+        "--subject", help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog)"
+    )
+    run.add_argument(
+        "--class-noun", help="the subject's class, e.g. dog, backpack (default with the example: dog)"
+    )
     run.add_argument("--name", default="", help="subject name (default: the folder name)")
     run.add_argument("--identifier", default="sks", help="rare token bound to the subject (default: sks)")
     run.add_argument("--preset", default="tiny", help="parameter preset: tiny (CPU, default) or paper (GPU)")
     run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override one parameter, e.g. --set supervisor.steps=100 (repeatable)",
     )
-    run.add_argument("--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)")
+    run.add_argument(
+        "--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)"
+    )
     run.add_argument("--experiment", default="proxytune", help="MLflow experiment")
     run.add_argument("--model-name", default="", help="registered model name (default: proxytune-<subject>)")
     run.set_defaults(handler=_run)
@@ -94,7 +106,9 @@ def _print_summary(summary: dict) -> None:
         table.add_row(model, *(f"{scores[k]:.4f}" for k in ("clip_i", "clip_t", "dino")))
     console.print(table)
     model = summary["registered_model"]
-    console.print(f"registered: [bold]{model['name']}[/bold] v{model['version']} {model['aliases']} ({model['gate']})")
+    console.print(
+        f"registered: [bold]{model['name']}[/bold] v{model['version']} {model['aliases']} ({model['gate']})"
+    )
     console.print(f"report:     {summary['report']}")
     console.print(f"summary:    {Path(summary['workdir']) / 'summary.json'}  ({summary['seconds']} s)")
     uri = summary["mlflow"]["tracking_uri"]

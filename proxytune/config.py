@@ -24,7 +24,9 @@ class SupervisorParams(_Params):
     """DreamBooth-LoRA on the diffusion supervisor."""
 
     backend: str = "tiny-sd"
-    model_source: str | None = Field(None, description="hub id, folder or s3:// prefix; default: the backend's")
+    model_source: str | None = Field(
+        None, description="hub id, folder or s3:// prefix; default: the backend's"
+    )
     steps: int = Field(40, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     rank: int = Field(4, gt=0)
@@ -54,7 +56,9 @@ class ProxyParams(_Params):
         try:
             value.format(identifier="sks", class_noun="dog")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"prompt_template may use only {{identifier}} and {{class_noun}}: {error}") from None
+            raise ValueError(
+                f"prompt_template may use only {{identifier}} and {{class_noun}}: {error}"
+            ) from None
         if "{identifier}" not in value:
             raise ValueError("prompt_template must contain {identifier}")
         return value

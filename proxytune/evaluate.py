@@ -70,7 +70,11 @@ class Features:
 
     @classmethod
     def of(cls, encoders: Encoders, images: Sequence[Image.Image], texts: Sequence[str]) -> Features:
-        return cls(encoders.clip.embed_images(images), encoders.dino.embed_images(images), encoders.clip.embed_texts(texts))
+        return cls(
+            encoders.clip.embed_images(images),
+            encoders.dino.embed_images(images),
+            encoders.clip.embed_texts(texts),
+        )
 
     def scores(self, references: References, rows: slice = slice(None)) -> dict[str, float]:
         return {
@@ -95,7 +99,11 @@ def evaluate(
     device = device or default_device()
     subject, photos = load_subject(subject_dir)
     templates = dreambench_prompts(subject.class_noun, params.num_prompts)
-    prompts = [fill(t, subject.identifier, subject.class_noun) for t in templates for _ in range(params.images_per_prompt)]
+    prompts = [
+        fill(t, subject.identifier, subject.class_noun)
+        for t in templates
+        for _ in range(params.images_per_prompt)
+    ]
     clean = [fill(t, None, subject.class_noun) for t in templates for _ in range(params.images_per_prompt)]
     tracker.log_params(params.model_dump())
 
@@ -114,7 +122,10 @@ def evaluate(
     metrics = {model: features[model].scores(references) for model in MODELS}
     k = params.images_per_prompt
     per_prompt = {
-        model: [{"prompt": t, **features[model].scores(references, slice(p * k, (p + 1) * k))} for p, t in enumerate(templates)]
+        model: [
+            {"prompt": t, **features[model].scores(references, slice(p * k, (p + 1) * k))}
+            for p, t in enumerate(templates)
+        ]
         for model in MODELS
     }
     for model in MODELS:
@@ -129,9 +140,13 @@ def evaluate(
         "per_prompt": per_prompt,
         "protocol": PROTOCOL,
         "encoders": {"clip": params.clip_encoder, "dino": params.dino_encoder},
-        "models": {m: {"backend": cards[m].backend, "adapter_sha256": cards[m].adapter_sha256} for m in MODELS},
+        "models": {
+            m: {"backend": cards[m].backend, "adapter_sha256": cards[m].adapter_sha256} for m in MODELS
+        },
         "samples": [
-            {"model": m, "file": f"{m}/{i:03d}.png", "prompt": prompts[i]} for m in MODELS for i in range(len(prompts))
+            {"model": m, "file": f"{m}/{i:03d}.png", "prompt": prompts[i]}
+            for m in MODELS
+            for i in range(len(prompts))
         ],
     }
     with atomic_directory(out_dir) as tmp:
@@ -146,7 +161,9 @@ def evaluate(
     return evaluation
 
 
-def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device) -> tuple[list[Image.Image], AdapterCard]:
+def _sample_student(
+    adapter_dir, prompts: list[str], params: EvalParams, device
+) -> tuple[list[Image.Image], AdapterCard]:
     backend, card = load_student(adapter_dir, device)
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), params.batch_size), desc="student samples", mininterval=2.0):
@@ -155,13 +172,17 @@ def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device)
     return images, card
 
 
-def _sample_supervisor(adapter_dir, prompts: list[str], params: EvalParams, device) -> tuple[list[Image.Image], AdapterCard]:
+def _sample_supervisor(
+    adapter_dir, prompts: list[str], params: EvalParams, device
+) -> tuple[list[Image.Image], AdapterCard]:
     backend, card = load_supervisor(adapter_dir, device)
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), params.batch_size), desc="supervisor samples", mininterval=2.0):
         batch = prompts[start : start + params.batch_size]
         seeds = [params.seed + start + i for i in range(len(batch))]
-        images += backend.generate(batch, seeds, params.supervisor_inference_steps, params.supervisor_guidance_scale)
+        images += backend.generate(
+            batch, seeds, params.supervisor_inference_steps, params.supervisor_guidance_scale
+        )
     return images, card
 
 

@@ -44,7 +44,9 @@ def to_pil(pixels: torch.Tensor, channels_last: bool = False) -> list[Image.Imag
     return [Image.fromarray(a) for a in arrays]
 
 
-def image_grid(images: Sequence[Image.Image], columns: int | None = None, cell: int | None = None) -> Image.Image:
+def image_grid(
+    images: Sequence[Image.Image], columns: int | None = None, cell: int | None = None
+) -> Image.Image:
     """Tile images into one picture (row-major); cells are `cell` px squares."""
     if not images:
         raise ValueError("image_grid needs at least one image")

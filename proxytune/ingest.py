@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from proxytune.contracts import SUBJECT_FILE, Subject, SubjectImage
-from proxytune.fsutil import atomic_directory, sha256_bytes, sha256_json, sha256_file
+from proxytune.fsutil import atomic_directory, sha256_bytes, sha256_file, sha256_json
 from proxytune.images import normalize_rgb
 from proxytune.storage import ObjectStore, join, open_s3_uri
 
@@ -40,7 +40,9 @@ def read_sources(source_uri: str) -> list[tuple[str, bytes]]:
     """(file name, bytes) of every non-hidden file directly inside the source, sorted."""
     if source_uri.startswith("s3://"):
         store, prefix = open_s3_uri(source_uri)
-        keys = [k for k in store.list(prefix + "/" if prefix else "") if "/" not in k[len(prefix) :].strip("/")]
+        keys = [
+            k for k in store.list(prefix + "/" if prefix else "") if "/" not in k[len(prefix) :].strip("/")
+        ]
         files = [(k.rsplit("/", 1)[-1], k) for k in keys]
         return [(name, store.get_bytes(key)) for name, key in files if not name.startswith(".")]
     folder = Path(source_uri).expanduser()
@@ -79,14 +81,19 @@ def scan_subject(source_uri: str) -> list[SubjectPhoto]:
         photos[photo.pixel_sha256] = photo
     low, high = RECOMMENDED_COUNT
     if not low <= len(photos) <= high:
-        log.warning("%d distinct photos in %s; DreamBooth works best with %d-%d", len(photos), source_uri, low, high)
+        log.warning(
+            "%d distinct photos in %s; DreamBooth works best with %d-%d", len(photos), source_uri, low, high
+        )
     return list(photos.values())
 
 
 def subject_fields(source_uri: str, class_noun: str, name: str | None, identifier: str) -> dict[str, str]:
     """The subject's descriptive fields, validated (raises IngestError) before any photo is read."""
     fields = dict(
-        name=name or default_subject_name(source_uri), class_noun=class_noun, identifier=identifier, source_uri=source_uri
+        name=name or default_subject_name(source_uri),
+        class_noun=class_noun,
+        identifier=identifier,
+        source_uri=source_uri,
     )
     try:
         Subject.model_validate({**fields, "images": [{"file": "-", "sha256": "-"}]})
@@ -122,7 +129,9 @@ def ingest(
             entries.append(SubjectImage(file=file, sha256=sha256_file(tmp / file)))
         subject = Subject(**draft, images=entries)
         subject.write(tmp / SUBJECT_FILE)
-    log.info("ingested %d photos of %r (%s) from %s", len(entries), subject.name, subject.class_noun, source_uri)
+    log.info(
+        "ingested %d photos of %r (%s) from %s", len(entries), subject.name, subject.class_noun, source_uri
+    )
     if store is not None:
         prefix = join("subjects", subject_key(subject))
         if not store.exists(join(prefix, SUBJECT_FILE)):

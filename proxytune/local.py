@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +80,9 @@ def run_local(
     started = time.monotonic()
     with _environment(local_defaults(workdir)):
         tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root"))
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
+        )
         try:
             task = proxy_tuning(
                 subject_uri=str(subject_uri),
@@ -96,11 +99,13 @@ def run_local(
             atomic_write_json(workdir / "summary.json", summary)
             raise
     registration = json.loads(task.outputs["registration"])
+    report = workdir / "report.html"
+    shutil.copyfile(task.outputs["report"].path, report)
     summary.update(
         status="succeeded",
         seconds=round(time.monotonic() - started, 1),
         metrics=registration["metrics"],
-        report=task.outputs["report"].path,
+        report=str(report),
         mlflow={
             "tracking_uri": tracking_uri,
             "experiment": experiment,

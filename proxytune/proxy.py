@@ -78,14 +78,20 @@ def generate_proxy(
     tracker.log_params({**params.model_dump(), "key": info.key, "supervisor": info.supervisor})
     records = _resume(out, info, store, remote)
     info.write(out / PROXY_FILE)
-    missing = [i for i in range(params.num_images) if proxy_file(i, params.shard_size) not in {r.file for r in records}]
+    missing = [
+        i
+        for i in range(params.num_images)
+        if proxy_file(i, params.shard_size) not in {r.file for r in records}
+    ]
     log.info("proxy dataset %s: %d of %d images present", info.key[:12], len(records), params.num_images)
     if missing:
         backend, _ = load_supervisor(supervisor_dir, device or default_device())
         with tqdm(total=len(missing), desc="proxy images", unit="img", mininterval=2.0) as progress:
             for batch in _chunks(missing, params.batch_size):
                 seeds = [params.seed + i for i in batch]
-                images = backend.generate([prompt] * len(batch), seeds, params.inference_steps, params.guidance_scale)
+                images = backend.generate(
+                    [prompt] * len(batch), seeds, params.inference_steps, params.guidance_scale
+                )
                 new = _save_batch(out, batch, seeds, images, prompt, info.supervisor, params.shard_size)
                 records = sorted(records + new, key=lambda r: r.file)
                 manifest = write_manifest(out, records)
@@ -120,7 +126,13 @@ def _resume(out: Path, info: ProxyInfo, store: ObjectStore | None, remote: str) 
 
 
 def _save_batch(
-    out: Path, batch: list[int], seeds: list[int], images: list[Image.Image], prompt: str, supervisor: str, shard: int
+    out: Path,
+    batch: list[int],
+    seeds: list[int],
+    images: list[Image.Image],
+    prompt: str,
+    supervisor: str,
+    shard: int,
 ) -> list[ProxyRecord]:
     records = []
     for index, seed, image in zip(batch, seeds, images, strict=True):
@@ -141,7 +153,9 @@ def load_proxy(dataset_dir: str | Path) -> tuple[ProxyInfo, list[ProxyRecord]]:
     info = ProxyInfo.read(dataset_dir / PROXY_FILE)
     records = read_manifest(dataset_dir)
     if not info.complete or len(records) != info.num_images:
-        raise ValueError(f"{dataset_dir}: incomplete proxy dataset ({len(records)} of {info.num_images} images)")
+        raise ValueError(
+            f"{dataset_dir}: incomplete proxy dataset ({len(records)} of {info.num_images} images)"
+        )
     absent = [r.file for r in records if not (dataset_dir / r.file).is_file()]
     if absent:
         raise ValueError(f"{dataset_dir}: manifest lists missing images, e.g. {absent[0]}")

@@ -64,7 +64,9 @@ def register(
 
     uri = context.resolved_uri()
     if not uri or tracker.run_id is None:
-        raise ValueError("register needs MLflow: set MLFLOW_TRACKING_URI or the pipeline's mlflow_tracking_uri")
+        raise ValueError(
+            "register needs MLflow: set MLFLOW_TRACKING_URI or the pipeline's mlflow_tracking_uri"
+        )
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     metrics = evaluation["metrics"]
@@ -105,7 +107,7 @@ def register(
         aliases=aliases,
         gate_passed=passed,
         gate_reason=reason,
-        previous_champion=previous.version if previous else None,
+        previous_champion=str(previous.version) if previous else None,
         parent_run_id=tracker.parent_run_id,
         metrics=metrics,
     )

@@ -17,7 +17,8 @@ from proxytune.images import data_uri, image_grid
 THUMB = 160
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1100px}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
+table{border-collapse:collapse;margin:.5rem 0}
+td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
 th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e8f5e9}
 .row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}.cap{font-size:.85rem;color:#555}
 img{image-rendering:auto;border:1px solid #ddd}
@@ -54,7 +55,8 @@ def write_report(
             score = evaluation["per_prompt"][model][p]
             cells.append(
                 f"<div>{_img(image_grid(images, columns=per_prompt, cell=THUMB))}<div class=cap>{model}: "
-                f"CLIP-I {score['clip_i']:.3f} · CLIP-T {score['clip_t']:.3f} · DINO {score['dino']:.3f}</div></div>"
+                f"CLIP-I {score['clip_i']:.3f} · CLIP-T {score['clip_t']:.3f} · "
+                f"DINO {score['dino']:.3f}</div></div>"
             )
         prompt = row["prompt"].format(identifier=subject.identifier, class_noun=subject.class_noun)
         parts.append(f"<h3>{_e(prompt)}</h3><div class=row>{''.join(cells)}</div>")
@@ -77,8 +79,8 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
         student, supervisor = metrics["student"][key], metrics["supervisor"][key]
         cls = ("best", "") if student >= supervisor else ("", "best")
         rows.append(
-            f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td><td class='{cls[1]}'>{supervisor:.4f}</td>"
-            f"<td>{student - supervisor:+.4f}</td></tr>"
+            f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td>"
+            f"<td class='{cls[1]}'>{supervisor:.4f}</td><td>{student - supervisor:+.4f}</td></tr>"
         )
     head = "<tr><th>metric</th><th>student</th><th>supervisor</th><th>student − supervisor</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"

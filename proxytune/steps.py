@@ -21,7 +21,10 @@ from proxytune.tracking import TrackingContext, stage_run
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     for noisy in ("urllib3", "matplotlib", "PIL", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -49,7 +52,11 @@ def ingest_step(
     with stage_run(tracking, "ingest") as tracker:
         subject = ingest(subject_uri, out_dir, class_noun, subject_name or None, identifier, store_from_env())
         tracker.log_params(
-            {"preset": preset, "overrides": json.dumps(overrides, sort_keys=True), **subject.model_dump(exclude={"images"})}
+            {
+                "preset": preset,
+                "overrides": json.dumps(overrides, sort_keys=True),
+                **subject.model_dump(exclude={"images"}),
+            }
         )
         tracker.log_params({"run": params.model_dump()})
         tracker.log_metric("photos", len(subject.images))
@@ -112,7 +119,9 @@ def evaluate_step(
     configure_logging()
     params = RunParams.resolve(preset, overrides)
     with stage_run(tracking, "evaluate") as tracker:
-        evaluation = evaluate(subject_dir, supervisor_dir, student_dir, samples_dir, params.evaluation, tracker)
+        evaluation = evaluate(
+            subject_dir, supervisor_dir, student_dir, samples_dir, params.evaluation, tracker
+        )
     shutil.copyfile(Path(samples_dir) / "report.html", report_path)
     return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
 
@@ -126,7 +135,10 @@ def register_step(student_dir: str, samples_dir: str, model_name: str, tracking:
     evaluation = read_evaluation(samples_dir)
     with stage_run(tracking, "register", closes_pipeline=True) as tracker:
         registration = register(
-            student_dir, evaluation, model_name or default_model_name(evaluation["subject"]), tracking, tracker
+            student_dir,
+            evaluation,
+            model_name or default_model_name(evaluation["subject"]),
+            tracking,
+            tracker,
         )
         return registration.model_dump_json()
-

@@ -126,7 +126,9 @@ class MinioStore(ObjectStore):
         access_key = os.environ.get("AWS_ACCESS_KEY_ID")
         secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
         if not access_key or not secret_key:
-            raise ValueError("the S3 store needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+            raise ValueError(
+                "the S3 store needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+            )
         self.client = Minio(
             parsed.netloc,
             access_key=access_key,

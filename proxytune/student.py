@@ -93,7 +93,9 @@ def tune_student(
     alpha = params.alpha or float(params.rank)
     codes = token_cache(backend, source, proxy_dir, info.key, records, store)
     prompts = [r.prompt for r in records]
-    tracker.log_params({**params.model_dump(), "alpha": alpha, "proxy_images": len(records), "proxy_key": info.key})
+    tracker.log_params(
+        {**params.model_dump(), "alpha": alpha, "proxy_images": len(records), "proxy_key": info.key}
+    )
 
     config = LoraConfig(r=params.rank, lora_alpha=alpha, target_modules=backend.lora_target_modules)
     peft_model = get_peft_model(backend.model, config)
@@ -104,7 +106,9 @@ def tune_student(
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(records), (params.batch_size,), generator=generator)
-        unconditional = (torch.rand(params.batch_size, generator=generator) < params.null_prompt_prob).tolist()
+        unconditional = (
+            torch.rand(params.batch_size, generator=generator) < params.null_prompt_prob
+        ).tolist()
         inputs = backend.tokenize([prompts[i] for i in index], unconditional)
         return backend.nll(inputs, codes[index])
 
@@ -138,7 +142,12 @@ def tune_student(
             subjects=info.subject.split(","),
             identifier=info.identifier,
             class_noun=info.class_noun,
-            params={**params.model_dump(), "alpha": alpha, "proxy_key": info.key, "proxy_images": len(records)},
+            params={
+                **params.model_dump(),
+                "alpha": alpha,
+                "proxy_key": info.key,
+                "proxy_images": len(records),
+            },
             steps_done=len(losses),
             losses=losses,
             eval_loss_before=before,
@@ -152,7 +161,9 @@ def tune_student(
     return card
 
 
-def load_student(adapter_dir: str | Path, device: torch.device | None = None) -> tuple[StudentBackend, AdapterCard]:
+def load_student(
+    adapter_dir: str | Path, device: torch.device | None = None
+) -> tuple[StudentBackend, AdapterCard]:
     """Base student + the LoRA in `adapter_dir` (merged, for fast sampling)."""
     from peft import PeftModel
 

@@ -40,7 +40,9 @@ def tune_supervisor(
     resolution = params.resolution or backend.resolution
     backend.resolution = resolution
     alpha = params.alpha or float(params.rank)
-    tracker.log_params({**params.model_dump(), "resolution": resolution, "alpha": alpha, "photos": len(photos)})
+    tracker.log_params(
+        {**params.model_dump(), "resolution": resolution, "alpha": alpha, "photos": len(photos)}
+    )
 
     latents = backend.encode_images(to_tensor(photos, resolution))
     cond = backend.encode_prompts([subject.prompt(INSTANCE_TEMPLATE)])
@@ -91,7 +93,9 @@ def tune_supervisor(
     return card
 
 
-def load_supervisor(adapter_dir: str | Path, device: torch.device | None = None) -> tuple[SupervisorBackend, AdapterCard]:
+def load_supervisor(
+    adapter_dir: str | Path, device: torch.device | None = None
+) -> tuple[SupervisorBackend, AdapterCard]:
     """Base pipeline + the adapter in `adapter_dir`, checked against its card."""
     card = read_card(adapter_dir, "supervisor")
     backend: SupervisorBackend = SUPERVISORS.create(card.backend)

@@ -84,7 +84,9 @@ class SupervisorBackend(ABC):
         """Prompts -> conditioning for the denoiser."""
 
     @abstractmethod
-    def training_loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def training_loss(
+        self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """The family's denoising objective; all randomness from `generator`."""
 
     @abstractmethod
@@ -164,5 +166,7 @@ def pixel_batch(
 
 def write_adapter_config(out_dir: str | Path, lora_config) -> str:
     """`adapter_config.json` in peft's format, for adapters saved in another weight layout."""
-    Path(out_dir, "adapter_config.json").write_text(json.dumps(lora_config.to_dict(), indent=2, default=sorted))
+    Path(out_dir, "adapter_config.json").write_text(
+        json.dumps(lora_config.to_dict(), indent=2, default=sorted)
+    )
     return "adapter_config.json"

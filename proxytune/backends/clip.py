@@ -71,7 +71,9 @@ class ClipEncoder(ImageEncoder):
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
         features = self.model.get_text_features(**batch).pooler_output
         return F.normalize(features.float(), dim=-1).cpu()
 

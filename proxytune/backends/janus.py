@@ -139,7 +139,9 @@ class JanusStudent(StudentBackend):
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
         with self._autocast():
             hidden = model.model.language_model(
-                inputs_embeds=torch.cat([text, image], dim=1), attention_mask=full_mask, position_ids=positions
+                inputs_embeds=torch.cat([text, image], dim=1),
+                attention_mask=full_mask,
+                position_ids=positions,
             ).last_hidden_state
             logits = model.model.generation_head(hidden[:, ids.shape[1] - 1 :])
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proxytune.backends._base import ModelSource, SupervisorBackend, seeded, training_dtype, write_adapter_config
+from proxytune.backends._base import (
+    ModelSource,
+    SupervisorBackend,
+    seeded,
+    training_dtype,
+    write_adapter_config,
+)
 from proxytune.backends._tokenizers import tiny_clip_tokenizer
 from proxytune.registry import SUPERVISORS
 
@@ -107,7 +113,9 @@ class StableDiffusionSupervisor(SupervisorBackend):
     def add_lora(self, rank: int, alpha: float) -> list[torch.nn.Parameter]:
         from peft import LoraConfig
 
-        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
         self.pipe.unet.add_adapter(config)
         params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
         for p in params:
@@ -136,10 +144,14 @@ class StableDiffusionSupervisor(SupervisorBackend):
         ).input_ids
         return self.pipe.text_encoder(ids.to(self.device))[0]
 
-    def training_loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def training_loss(
+        self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         schedule = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        steps = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        steps = torch.randint(
+            0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        )
         steps = steps.to(self.device)
         noisy = schedule.add_noise(latents, noise, steps)
         if schedule.config.prediction_type == "v_prediction":
@@ -159,7 +171,10 @@ class StableDiffusionSupervisor(SupervisorBackend):
         config = unet.peft_config["default"]
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(
-            out_dir, unet_lora_layers=layers, weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=config.to_dict()
+            out_dir,
+            unet_lora_layers=layers,
+            weight_name=LORA_WEIGHTS,
+            unet_lora_adapter_metadata=config.to_dict(),
         )
         return [LORA_WEIGHTS, write_adapter_config(out_dir, config)]
 
@@ -188,6 +203,8 @@ SUPERVISORS.register(
 )
 SUPERVISORS.register(
     "sd15",
-    lambda: StableDiffusionSupervisor("sd15", ModelSource("stable-diffusion-v1-5/stable-diffusion-v1-5"), 512),
+    lambda: StableDiffusionSupervisor(
+        "sd15", ModelSource("stable-diffusion-v1-5/stable-diffusion-v1-5"), 512
+    ),
     "Stable Diffusion 1.5 (512 px)",
 )

@@ -1,0 +1,48 @@
+import pytest
+
+from proxytune.cli import main
+from proxytune.local import local_defaults
+from proxytune.registry import REGISTRIES
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def test_backends_lists_every_registered_backend_by_kind(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for kind, registry in REGISTRIES.items():
+        for name in registry.names():
+            assert f"{kind}" in out and name in out
+    assert {"tiny-sd", "sd15"} <= set(REGISTRIES["supervisor"].names())
+    assert {"tiny-janus", "janus-pro-1b"} <= set(REGISTRIES["student"].names())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--subject", "{tmp}/missing", "--class-noun", "dog"], "does not exist"),
+        (["--subject", "{tmp}"], "--class-noun is required with --subject"),
+        (["--set", "student.steps=-1"], "student.steps: Input should be greater than 0"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--identifier", "s k s"], "must be one word"),
+    ],
+)
+def test_bad_input_fails_before_the_pipeline_starts(tmp_path, capsys, arguments, message):
+    workdir = tmp_path / "work"
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    assert main(["run", "--local", "--workdir", str(workdir), *arguments]) == 2
+    assert message in capsys.readouterr().out
+    assert not workdir.exists()
+
+
+def test_local_defaults_keep_everything_in_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROXYTUNE_S3_ENDPOINT_URL", raising=False)
+    assert local_defaults(tmp_path) == {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PROXYTUNE_STORE_DIR": str(tmp_path / "store"),
+    }
+    monkeypatch.setenv("PROXYTUNE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert "PROXYTUNE_STORE_DIR" not in local_defaults(tmp_path)

@@ -1,0 +1,63 @@
+import pytest
+
+from proxytune.config import PRESETS, RunParams, parse_overrides
+
+
+def test_tiny_preset_uses_tiny_backends():
+    params = RunParams.resolve("tiny")
+    assert params.supervisor.backend == "tiny-sd"
+    assert params.student.backend == "tiny-janus"
+    assert (params.evaluation.clip_encoder, params.evaluation.dino_encoder) == ("tiny-clip", "tiny-dino")
+
+
+def test_paper_preset_resolves_to_registered_backends():
+    params = RunParams.resolve("paper")
+    assert params.proxy.num_images == 1000
+    assert params.supervisor.learning_rate == 1e-4
+
+
+def test_dotted_and_nested_overrides_merge_over_the_preset():
+    params = RunParams.resolve("paper", {"supervisor.steps": 7, "student": {"rank": 2}})
+    assert params.supervisor.steps == 7
+    assert params.supervisor.backend == "sd15"
+    assert params.student.rank == 2
+    assert params.student.backend == "janus-pro-1b"
+
+
+def test_integral_floats_from_kfp_are_accepted():
+    # KFP passes dict parameters through protobuf Struct: every number arrives as a float.
+    assert RunParams.resolve("tiny", {"proxy": {"num_images": 4.0}}).proxy.num_images == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"supervisor.stepz": 3}, "supervisor.stepz: Extra inputs are not permitted"),
+        ({"supervisor.steps": 0}, "supervisor.steps: Input should be greater than 0"),
+        ({"student.backend": "gpt-image"}, "unknown student backend 'gpt-image'; available: janus-pro-1b"),
+        ({"evaluation.num_prompts": 26}, "evaluation.num_prompts: Input should be less than or equal to 25"),
+        ({"proxy.prompt_template": "a {class_noun}"}, "prompt_template must contain {identifier}"),
+        ({"proxy.prompt_template": "a {identifier} {colour}"}, "may use only {identifier} and {class_noun}"),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match="invalid run parameters") as error:
+        RunParams.resolve("tiny", overrides)
+    assert message in str(error.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match=f"unknown preset 'huge'; available: {', '.join(sorted(PRESETS))}"):
+        RunParams.resolve("huge")
+
+
+def test_parse_overrides_reads_json_values_and_keeps_text():
+    assert parse_overrides(
+        ["supervisor.steps=12", "proxy.prompt_template=a {identifier} toy", "x.y=null"]
+    ) == {
+        "supervisor.steps": 12,
+        "proxy.prompt_template": "a {identifier} toy",
+        "x.y": None,
+    }
+    with pytest.raises(ValueError, match=r"not of the form section\.field=value"):
+        parse_overrides(["steps"])

@@ -1,0 +1,59 @@
+import json
+from html.parser import HTMLParser
+
+from PIL import Image
+
+from proxytune.evaluate import read_evaluation
+from proxytune.metrics import PROTOCOL
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_evaluation_scores_both_models_on_the_live_prompts(evaluation_dir, params):
+    evaluation = read_evaluation(evaluation_dir)
+    k, n = params.evaluation.images_per_prompt, params.evaluation.num_prompts
+    assert set(evaluation["metrics"]) == {"student", "supervisor"}
+    for scores in evaluation["metrics"].values():
+        assert set(scores) == {"clip_i", "clip_t", "dino"}
+        assert all(-1.0 <= v <= 1.0 for v in scores.values())
+    assert [p["prompt"] for p in evaluation["per_prompt"]["student"]] == [
+        "a {identifier} {class_noun} in the jungle",
+        "a {identifier} {class_noun} in the snow",
+    ][:n]
+    samples = evaluation["samples"]
+    assert len(samples) == 2 * n * k
+    assert samples[0] == {"model": "student", "file": "student/000.png", "prompt": "a sks dog in the jungle"}
+    with Image.open(evaluation_dir / samples[-1]["file"]) as image:
+        assert image.size == (64, 64)  # the supervisor's
+    with Image.open(evaluation_dir / samples[0]["file"]) as image:
+        assert image.size == (32, 32)  # the student's
+
+
+def test_totals_are_the_mean_of_equal_sized_prompt_groups(evaluation_dir):
+    evaluation = read_evaluation(evaluation_dir)
+    for model, rows in evaluation["per_prompt"].items():
+        for metric in ("clip_i", "clip_t", "dino"):
+            mean = sum(r[metric] for r in rows) / len(rows)
+            assert abs(mean - evaluation["metrics"][model][metric]) < 1e-6
+
+
+def test_report_is_self_contained_with_pictures_and_numbers(evaluation_dir, params):
+    page = (evaluation_dir / "report.html").read_text()
+    evaluation = json.loads((evaluation_dir / "evaluation.json").read_text())
+    parser = Images()
+    parser.feed(page)
+    # plots, reference photos, then one student and one supervisor grid per prompt
+    assert len(parser.sources) == 2 + 2 * params.evaluation.num_prompts
+    assert all(src.startswith("data:image/png;base64,") for src in parser.sources)
+    assert f"{evaluation['metrics']['student']['dino']:.4f}" in page
+    assert PROTOCOL in page
+    assert "a sks dog in the snow" in page
+    assert "http" not in page  # nothing fetched from elsewhere

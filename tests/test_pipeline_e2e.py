@@ -1,0 +1,93 @@
+"""The whole pipeline through kfp.local, tracked by a real MLflow server whose artifacts
+live on a real S3-protocol server, which is also the platform's object store."""
+
+import json
+
+import pytest
+from minio import Minio
+from mlflow import MlflowClient
+
+from proxytune.cli import main
+from proxytune.tracking import KFP_RUN_TAG, ROLE_TAG, STAGE_TAG
+from tests.conftest import S3_KEYS
+
+pytestmark = [pytest.mark.servers, pytest.mark.pipeline]
+STAGES = {"ingest", "tune_supervisor", "generate_proxy", "tune_student", "evaluate", "register"}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(mlflow_server, s3_endpoint, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        env.setenv("PROXYTUNE_S3_ENDPOINT_URL", s3_endpoint)
+        env.setenv("PROXYTUNE_S3_BUCKET", "platform")
+        env.setenv("COLUMNS", "160")
+        for key, value in S3_KEYS.items():
+            env.setenv(key, value)
+        code = main(["run", "--local", "--workdir", str(workdir), "--experiment", "e2e"])
+    return code, workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_the_run_succeeds_and_writes_its_summary(pipeline_run):
+    code, workdir, summary = pipeline_run
+    assert code == 0 and summary["status"] == "succeeded"
+    for model in ("student", "supervisor"):
+        assert set(summary["metrics"][model]) == {"clip_i", "clip_t", "dino"}
+    assert summary["report"] == str(workdir / "report.html")
+    assert "Proxy-Tuning report: dog" in (workdir / "report.html").read_text()
+    assert summary["registered_model"]["name"] == "proxytune-dog"
+    assert "challenger" in summary["registered_model"]["aliases"]
+
+
+def test_mlflow_has_the_parent_run_with_one_finished_child_per_stage(pipeline_run, mlflow_server):
+    _, _, summary = pipeline_run
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.tags[ROLE_TAG] == "pipeline" and parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    by_stage = {run.data.tags[STAGE_TAG]: run for run in children}
+    assert set(by_stage) == STAGES
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert all(run.data.tags[KFP_RUN_TAG] == parent.data.tags[KFP_RUN_TAG] for run in children)
+    evaluate = by_stage["evaluate"].data.metrics
+    assert evaluate["student_dino"] == pytest.approx(summary["metrics"]["student"]["dino"])
+    losses = client.get_metric_history(by_stage["tune_supervisor"].info.run_id, "train_loss")
+    assert len(losses) == 40
+    assert (
+        by_stage["tune_student"].data.metrics["eval_nll_after"]
+        < by_stage["tune_student"].data.metrics["eval_nll_before"]
+    )
+    assert "report.html" in [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)]
+
+
+def test_the_student_is_registered_as_challenger(pipeline_run, mlflow_server):
+    _, _, summary = pipeline_run
+    model = summary["registered_model"]
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(model["name"], "challenger")
+    assert str(version.version) == model["version"]
+    assert float(version.tags["dino"]) == pytest.approx(summary["metrics"]["student"]["dino"], abs=1e-6)
+
+
+def test_datasets_and_artifacts_live_on_the_s3_server(pipeline_run, s3_endpoint):
+    client = Minio(
+        s3_endpoint.removeprefix("http://"),
+        S3_KEYS["AWS_ACCESS_KEY_ID"],
+        S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        secure=False,
+    )
+    platform = {o.object_name.split("/")[0] for o in client.list_objects("platform", recursive=True)}
+    assert platform == {"subjects", "proxy", "token-cache"}
+    artifacts = [o.object_name for o in client.list_objects("mlflow", recursive=True)]
+    assert any(name.endswith("report.html") for name in artifacts)
+    assert any(name.endswith("adapter_model.safetensors") for name in artifacts)
+
+
+def test_no_secret_reaches_mlflow_params(pipeline_run, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("e2e")
+    for run in client.search_runs([experiment.experiment_id]):
+        values = " ".join(f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items())
+        assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in values
