@@ -72,6 +72,8 @@ def run_local(
 
     overrides = overrides or {}
     workdir = Path(workdir).resolve()
+    if not subject_uri.startswith("s3://"):
+        subject_uri = str(Path(subject_uri).expanduser().resolve())
     RunParams.resolve(preset, overrides)
     subject_fields(subject_uri, class_noun, subject_name or None, identifier)
     scan_subject(subject_uri)
@@ -85,7 +87,7 @@ def run_local(
         )
         try:
             task = proxy_tuning(
-                subject_uri=str(subject_uri),
+                subject_uri=subject_uri,
                 class_noun=class_noun,
                 subject_name=subject_name,
                 identifier=identifier,

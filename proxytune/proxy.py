@@ -78,11 +78,8 @@ def generate_proxy(
     tracker.log_params({**params.model_dump(), "key": info.key, "supervisor": info.supervisor})
     records = _resume(out, info, store, remote)
     info.write(out / PROXY_FILE)
-    missing = [
-        i
-        for i in range(params.num_images)
-        if proxy_file(i, params.shard_size) not in {r.file for r in records}
-    ]
+    done = {r.file for r in records}
+    missing = [i for i in range(params.num_images) if proxy_file(i, params.shard_size) not in done]
     log.info("proxy dataset %s: %d of %d images present", info.key[:12], len(records), params.num_images)
     if missing:
         backend, _ = load_supervisor(supervisor_dir, device or default_device())
