@@ -31,8 +31,8 @@ from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
-METRICS = ("clip_i", "clip_t", "dino")
 MODELS = ("student", "supervisor")
+Samples = tuple[list[Image.Image], AdapterCard]
 
 
 @dataclass
@@ -107,7 +107,7 @@ def evaluate(
     clean = [fill(t, None, subject.class_noun) for t in templates for _ in range(params.images_per_prompt)]
     tracker.log_params(params.model_dump())
 
-    samplers: dict[str, Callable[[], tuple[list[Image.Image], AdapterCard]]] = {
+    samplers: dict[str, Callable[[], Samples]] = {
         "student": lambda: _sample_student(student_dir, prompts, params, device),
         "supervisor": lambda: _sample_supervisor(supervisor_dir, prompts, params, device),
     }
@@ -161,29 +161,33 @@ def evaluate(
     return evaluation
 
 
-def _sample_student(
-    adapter_dir, prompts: list[str], params: EvalParams, device
-) -> tuple[list[Image.Image], AdapterCard]:
+def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:
     backend, card = load_student(adapter_dir, device)
-    images: list[Image.Image] = []
-    for start in tqdm(range(0, len(prompts), params.batch_size), desc="student samples", mininterval=2.0):
-        batch = prompts[start : start + params.batch_size]
-        images += backend.generate(batch, params.student_guidance_scale, seed=params.seed + start)
-    return images, card
+
+    def generate(batch: list[str], start: int) -> list[Image.Image]:
+        return backend.generate(batch, params.student_guidance_scale, seed=params.seed + start)
+
+    return _in_batches(prompts, params.batch_size, "student samples", generate), card
 
 
-def _sample_supervisor(
-    adapter_dir, prompts: list[str], params: EvalParams, device
-) -> tuple[list[Image.Image], AdapterCard]:
+def _sample_supervisor(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:
     backend, card = load_supervisor(adapter_dir, device)
-    images: list[Image.Image] = []
-    for start in tqdm(range(0, len(prompts), params.batch_size), desc="supervisor samples", mininterval=2.0):
-        batch = prompts[start : start + params.batch_size]
+
+    def generate(batch: list[str], start: int) -> list[Image.Image]:
         seeds = [params.seed + start + i for i in range(len(batch))]
-        images += backend.generate(
-            batch, seeds, params.supervisor_inference_steps, params.supervisor_guidance_scale
-        )
-    return images, card
+        steps, guidance = params.supervisor_inference_steps, params.supervisor_guidance_scale
+        return backend.generate(batch, seeds, steps, guidance)
+
+    return _in_batches(prompts, params.batch_size, "supervisor samples", generate), card
+
+
+def _in_batches(
+    prompts: list[str], size: int, desc: str, generate: Callable[[list[str], int], list[Image.Image]]
+) -> list[Image.Image]:
+    images: list[Image.Image] = []
+    for start in tqdm(range(0, len(prompts), size), desc=desc, mininterval=2.0):
+        images += generate(prompts[start : start + size], start)
+    return images
 
 
 def _release(device: torch.device) -> None:

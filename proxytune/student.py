@@ -16,18 +16,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from proxytune import __version__
 from proxytune.backends._base import ModelSource, StudentBackend, default_device
 from proxytune.config import StudentParams
-from proxytune.contracts import CARD_FILE, AdapterCard, ModelRef, ProxyRecord
-from proxytune.fsutil import atomic_directory, sha256_file, sha256_json
+from proxytune.contracts import AdapterCard, ProxyRecord
+from proxytune.fsutil import sha256_json
 from proxytune.images import to_tensor
 from proxytune.proxy import load_proxy
 from proxytune.registry import STUDENTS
 from proxytune.storage import ObjectStore, join
 from proxytune.supervisor import read_card
 from proxytune.tracking import Tracker
-from proxytune.training import fixed_loss, train_lora
+from proxytune.training import AdapterSpec, tune_adapter
 
 log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -93,9 +92,8 @@ def tune_student(
     alpha = params.alpha or float(params.rank)
     codes = token_cache(backend, source, proxy_dir, info.key, records, store)
     prompts = [r.prompt for r in records]
-    tracker.log_params(
-        {**params.model_dump(), "alpha": alpha, "proxy_images": len(records), "proxy_key": info.key}
-    )
+    recorded = {**params.model_dump(), "alpha": alpha, "proxy_key": info.key, "proxy_images": len(records)}
+    tracker.log_params(recorded)
 
     config = LoraConfig(r=params.rank, lora_alpha=alpha, target_modules=backend.lora_target_modules)
     peft_model = get_peft_model(backend.model, config)
@@ -113,52 +111,27 @@ def tune_student(
         return backend.nll(inputs, codes[index])
 
     held = min(EVAL_SAMPLES, len(records))
-    eval_inputs = backend.tokenize(prompts[:held], [False] * held)
+    held_inputs = backend.tokenize(prompts[:held], [False] * held)
 
-    def eval_nll(_: torch.Generator) -> torch.Tensor:
-        return backend.nll(eval_inputs, codes[:held])
+    @torch.no_grad()
+    def eval_nll() -> float:
+        return backend.nll(held_inputs, codes[:held]).item()
 
-    before = fixed_loss(eval_nll, [0])
-    losses = train_lora(
-        trainable,
-        batch_loss,
-        steps=params.steps,
-        learning_rate=params.learning_rate,
-        max_grad_norm=params.max_grad_norm,
-        seed=params.seed,
-        tracker=tracker,
-        desc=f"student {backend.name}",
+    spec = AdapterSpec(
+        kind="student",
+        backend=backend.name,
+        source=source,
+        subjects=info.subject.split(","),
+        identifier=info.identifier,
+        class_noun=info.class_noun,
+        params=recorded,
     )
-    after = fixed_loss(eval_nll, [0])
-    log.info("student NLL on its token cache %.4f -> %.4f", before, after)
-    tracker.log_metrics({"eval_nll_before": before, "eval_nll_after": after})
 
-    with atomic_directory(out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        card = AdapterCard(
-            kind="student",
-            backend=backend.name,
-            base_model=ModelRef(id=source.id, revision=source.revision),
-            subjects=info.subject.split(","),
-            identifier=info.identifier,
-            class_noun=info.class_noun,
-            params={
-                **params.model_dump(),
-                "alpha": alpha,
-                "proxy_key": info.key,
-                "proxy_images": len(records),
-            },
-            steps_done=len(losses),
-            losses=losses,
-            eval_loss_before=before,
-            eval_loss_after=after,
-            adapter_files=[ADAPTER_WEIGHTS, "adapter_config.json"],
-            adapter_sha256=sha256_file(tmp / ADAPTER_WEIGHTS),
-            proxytune_version=__version__,
-        )
-        card.write(tmp / CARD_FILE)
-    tracker.log_artifacts(out_dir, "student")
-    return card
+    def save_weights(folder: Path) -> list[str]:
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+        return [ADAPTER_WEIGHTS, "adapter_config.json"]
+
+    return tune_adapter(spec, params, trainable, batch_loss, eval_nll, save_weights, out_dir, tracker)
 
 
 def load_student(

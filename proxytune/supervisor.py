@@ -7,16 +7,15 @@ from pathlib import Path
 
 import torch
 
-from proxytune import __version__
 from proxytune.backends._base import ModelSource, SupervisorBackend, default_device
 from proxytune.config import SupervisorParams
-from proxytune.contracts import CARD_FILE, AdapterCard, ModelRef
-from proxytune.fsutil import atomic_directory, sha256_file
+from proxytune.contracts import CARD_FILE, AdapterCard
+from proxytune.fsutil import sha256_file
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject
 from proxytune.registry import SUPERVISORS
 from proxytune.tracking import Tracker
-from proxytune.training import fixed_loss, train_lora
+from proxytune.training import AdapterSpec, fixed_loss, tune_adapter
 
 log = logging.getLogger(__name__)
 INSTANCE_TEMPLATE = "a {identifier} {class_noun}"
@@ -40,9 +39,8 @@ def tune_supervisor(
     resolution = params.resolution or backend.resolution
     backend.resolution = resolution
     alpha = params.alpha or float(params.rank)
-    tracker.log_params(
-        {**params.model_dump(), "resolution": resolution, "alpha": alpha, "photos": len(photos)}
-    )
+    recorded = {**params.model_dump(), "resolution": resolution, "alpha": alpha}
+    tracker.log_params({**recorded, "photos": len(photos)})
 
     latents = backend.encode_images(to_tensor(photos, resolution))
     cond = backend.encode_prompts([subject.prompt(INSTANCE_TEMPLATE)])
@@ -55,42 +53,25 @@ def tune_supervisor(
         return backend.training_loss(latents, cond.expand(latents.shape[0], -1, -1), generator)
 
     trainable = backend.add_lora(params.rank, alpha)
-    before = fixed_loss(all_photos_loss, EVAL_SEEDS)
-    losses = train_lora(
+    spec = AdapterSpec(
+        kind="supervisor",
+        backend=backend.name,
+        source=source,
+        subjects=[subject.name],
+        identifier=subject.identifier,
+        class_noun=subject.class_noun,
+        params=recorded,
+    )
+    return tune_adapter(
+        spec,
+        params,
         trainable,
         batch_loss,
-        steps=params.steps,
-        learning_rate=params.learning_rate,
-        max_grad_norm=params.max_grad_norm,
-        seed=params.seed,
-        tracker=tracker,
-        desc=f"supervisor {backend.name}",
+        lambda: fixed_loss(all_photos_loss, EVAL_SEEDS),
+        lambda folder: backend.save_lora(str(folder)),
+        out_dir,
+        tracker,
     )
-    after = fixed_loss(all_photos_loss, EVAL_SEEDS)
-    log.info("supervisor fixed-draw loss %.4f -> %.4f", before, after)
-    tracker.log_metrics({"eval_loss_before": before, "eval_loss_after": after})
-
-    with atomic_directory(out_dir) as tmp:
-        files = backend.save_lora(str(tmp))
-        card = AdapterCard(
-            kind="supervisor",
-            backend=backend.name,
-            base_model=ModelRef(id=source.id, revision=source.revision),
-            subjects=[subject.name],
-            identifier=subject.identifier,
-            class_noun=subject.class_noun,
-            params={**params.model_dump(), "resolution": resolution, "alpha": alpha},
-            steps_done=len(losses),
-            losses=losses,
-            eval_loss_before=before,
-            eval_loss_after=after,
-            adapter_files=files,
-            adapter_sha256=sha256_file(tmp / files[0]),
-            proxytune_version=__version__,
-        )
-        card.write(tmp / CARD_FILE)
-    tracker.log_artifacts(out_dir, "supervisor")
-    return card
 
 
 def load_supervisor(

@@ -57,8 +57,8 @@ def test_mlflow_has_the_parent_run_with_one_finished_child_per_stage(pipeline_ru
     losses = client.get_metric_history(by_stage["tune_supervisor"].info.run_id, "train_loss")
     assert len(losses) == 40
     assert (
-        by_stage["tune_student"].data.metrics["eval_nll_after"]
-        < by_stage["tune_student"].data.metrics["eval_nll_before"]
+        by_stage["tune_student"].data.metrics["eval_loss_after"]
+        < by_stage["tune_student"].data.metrics["eval_loss_before"]
     )
     assert "report.html" in [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)]
 
