@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("supervisor", "student", "encoder")
-
 
 @dataclass
 class Registry:

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-TINY_PREFIX = "tiny-"
-
 
 @dataclass(frozen=True)
 class ModelSource:
