@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False)
+console = Console(soft_wrap=True)  # paths and commands stay copy-pasteable
 
 
 def main(argv: list[str] | None = None) -> int:
