@@ -127,19 +127,25 @@ def s3_env(s3_endpoint, monkeypatch) -> str:
     return s3_endpoint
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_endpoint, tmp_path_factory) -> str:
-    """`mlflow server` with a SQLite backend and artifacts proxied to the S3 server."""
+def s3_bucket(endpoint: str, bucket: str):
+    """A plain S3 client on the test server, with `bucket` created (independent of proxytune)."""
     from minio import Minio
 
     client = Minio(
-        s3_endpoint.removeprefix("http://"),
+        endpoint.removeprefix("http://"),
         S3_KEYS["AWS_ACCESS_KEY_ID"],
         S3_KEYS["AWS_SECRET_ACCESS_KEY"],
         secure=False,
     )
-    if not client.bucket_exists("mlflow"):
-        client.make_bucket("mlflow")
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    return client
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory) -> str:
+    """`mlflow server` with a SQLite backend and artifacts proxied to the S3 server."""
+    s3_bucket(s3_endpoint, "mlflow")
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -4,12 +4,11 @@ live on a real S3-protocol server, which is also the platform's object store."""
 import json
 
 import pytest
-from minio import Minio
 from mlflow import MlflowClient
 
 from proxytune.cli import main
 from proxytune.tracking import KFP_RUN_TAG, ROLE_TAG, STAGE_TAG
-from tests.conftest import S3_KEYS
+from tests.conftest import S3_KEYS, s3_bucket
 
 pytestmark = [pytest.mark.servers, pytest.mark.pipeline]
 STAGES = {"ingest", "tune_supervisor", "generate_proxy", "tune_student", "evaluate", "register"}
@@ -72,12 +71,7 @@ def test_the_student_is_registered_as_challenger(pipeline_run, mlflow_server):
 
 
 def test_datasets_and_artifacts_live_on_the_s3_server(pipeline_run, s3_endpoint):
-    client = Minio(
-        s3_endpoint.removeprefix("http://"),
-        S3_KEYS["AWS_ACCESS_KEY_ID"],
-        S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-        secure=False,
-    )
+    client = s3_bucket(s3_endpoint, "platform")
     platform = {o.object_name.split("/")[0] for o in client.list_objects("platform", recursive=True)}
     assert platform == {"subjects", "proxy", "token-cache"}
     artifacts = [o.object_name for o in client.list_objects("mlflow", recursive=True)]

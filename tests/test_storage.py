@@ -1,9 +1,8 @@
 import pytest
-from minio import Minio
 
 from proxytune.ingest import ingest
 from proxytune.storage import LocalStore, MinioStore, open_s3_uri, store_from_env
-from tests.conftest import EXAMPLE, S3_KEYS
+from tests.conftest import EXAMPLE, s3_bucket
 
 
 def exercise(store):
@@ -47,14 +46,7 @@ def test_directories_round_trip_through_s3(s3_env, tmp_path):
 
 
 def test_ingest_from_s3_and_publish_to_the_store(s3_env, tmp_path):
-    client = Minio(
-        s3_env.removeprefix("http://"),
-        S3_KEYS["AWS_ACCESS_KEY_ID"],
-        S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-        secure=False,
-    )
-    if not client.bucket_exists("uploads"):
-        client.make_bucket("uploads")
+    client = s3_bucket(s3_env, "uploads")
     for path in sorted(EXAMPLE.iterdir()):
         client.fput_object("uploads", f"subjects/dog/{path.name}", str(path))
     client.fput_object("uploads", "subjects/dog/nested/ignored.jpg", str(EXAMPLE / "00.jpg"))
