@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from proxytune.prompts import INSTANCE_TEMPLATE
 from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
 
 
@@ -46,7 +47,7 @@ class ProxyParams(_Params):
     batch_size: int = Field(8, gt=0)
     inference_steps: int = Field(10, gt=0)
     guidance_scale: float = Field(5.0, ge=1.0)
-    prompt_template: str = "a {identifier} {class_noun}"
+    prompt_template: str = INSTANCE_TEMPLATE
     shard_size: int = Field(1000, gt=0)
     seed: int = 0
 

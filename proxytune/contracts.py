@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxytune.fsutil import atomic_write_json, read_json
+from proxytune.fsutil import atomic_write_json, read_json, sha256_file
 
 SUBJECT_FILE = "subject.json"
 CARD_FILE = "proxytune.json"
@@ -77,9 +77,6 @@ class Subject(_Contract):
             raise ValueError("class noun must not be empty")
         return value
 
-    def prompt(self, template: str) -> str:
-        return template.format(identifier=self.identifier, class_noun=self.class_noun)
-
 
 class ModelRef(_Contract):
     id: str
@@ -103,6 +100,17 @@ class AdapterCard(_Contract):
     adapter_files: list[str]
     adapter_sha256: str
     proxytune_version: str
+
+
+def read_adapter_card(adapter_dir: str | Path, kind: str) -> AdapterCard:
+    """The adapter's card, after checking its kind and the weights' hash."""
+    card = AdapterCard.read(Path(adapter_dir) / CARD_FILE)
+    if card.kind != kind:
+        raise ValueError(f"{adapter_dir} holds a {card.kind} adapter, expected a {kind} adapter")
+    weights = Path(adapter_dir) / card.adapter_files[0]
+    if not weights.is_file() or sha256_file(weights) != card.adapter_sha256:
+        raise ValueError(f"{weights} is missing or does not match the sha256 in {CARD_FILE}")
+    return card
 
 
 class ProxyRecord(_Contract):

@@ -7,7 +7,6 @@ sampled and released in turn so only one generator is in memory at a time.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from proxytune.backends._base import ImageEncoder, default_device
 from proxytune.config import EvalParams
 from proxytune.contracts import EVALUATION_FILE, AdapterCard
-from proxytune.fsutil import atomic_directory, atomic_write_json
+from proxytune.fsutil import atomic_directory, atomic_write_json, read_json
 from proxytune.ingest import load_subject
 from proxytune.metrics import PROTOCOL, mean_paired_cosine, mean_pairwise_cosine
 from proxytune.prompts import dreambench_prompts, fill
@@ -197,4 +196,4 @@ def _release(device: torch.device) -> None:
 
 
 def read_evaluation(samples_dir: str | Path) -> dict:
-    return json.loads((Path(samples_dir) / EVALUATION_FILE).read_text())
+    return read_json(Path(samples_dir) / EVALUATION_FILE)

@@ -6,6 +6,7 @@ Live subjects (DreamBench: its cats and dogs) use the live list, all others the 
 from __future__ import annotations
 
 LIVE_CLASSES = frozenset({"cat", "dog"})
+INSTANCE_TEMPLATE = "a {identifier} {class_noun}"  # DreamBooth's instance prompt
 
 OBJECT_PROMPTS = (
     "a {identifier} {class_noun} in the jungle",

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from proxytune.backends._base import default_device
 from proxytune.config import ProxyParams
-from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecord
+from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecord, read_adapter_card
 from proxytune.fsutil import atomic_write_bytes, atomic_write_text, sha256_json
 from proxytune.images import png_bytes
+from proxytune.prompts import fill
 from proxytune.storage import ObjectStore, join
-from proxytune.supervisor import load_supervisor, read_card
+from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ def generate_proxy(
 ) -> ProxyInfo:
     """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`."""
     tracker = tracker or Tracker()
-    card = read_card(supervisor_dir, "supervisor")
-    prompt = params.prompt_template.format(identifier=card.identifier, class_noun=card.class_noun)
+    card = read_adapter_card(supervisor_dir, "supervisor")
+    prompt = fill(params.prompt_template, card.identifier, card.class_noun)
     recipe = params.model_dump(exclude={"batch_size"})
     info = ProxyInfo(
         key=sha256_json({"adapter": card.adapter_sha256, "base": card.base_model.model_dump(), **recipe}),

@@ -13,6 +13,7 @@ from PIL import Image
 from proxytune.contracts import AdapterCard, Subject
 from proxytune.fsutil import atomic_write_text
 from proxytune.images import data_uri, image_grid
+from proxytune.prompts import fill
 
 THUMB = 160
 STYLE = """
@@ -58,7 +59,7 @@ def write_report(
                 f"CLIP-I {score['clip_i']:.3f} · CLIP-T {score['clip_t']:.3f} · "
                 f"DINO {score['dino']:.3f}</div></div>"
             )
-        prompt = row["prompt"].format(identifier=subject.identifier, class_noun=subject.class_noun)
+        prompt = fill(row["prompt"], subject.identifier, subject.class_noun)
         parts.append(f"<h3>{_e(prompt)}</h3><div class=row>{''.join(cells)}</div>")
     body = "\n".join(parts)
     page = f"<!doctype html><html><head><meta charset=utf-8><title>proxytune: {_e(subject.name)}</title>"

@@ -12,19 +12,19 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from proxytune.backends._base import ModelSource, StudentBackend, default_device
 from proxytune.config import StudentParams
-from proxytune.contracts import AdapterCard, ProxyRecord
+from proxytune.contracts import AdapterCard, ProxyRecord, read_adapter_card
 from proxytune.fsutil import sha256_json
 from proxytune.images import to_tensor
 from proxytune.proxy import load_proxy
 from proxytune.registry import STUDENTS
 from proxytune.storage import ObjectStore, join
-from proxytune.supervisor import read_card
 from proxytune.tracking import Tracker
 from proxytune.training import AdapterSpec, tune_adapter
 
@@ -57,8 +57,6 @@ def token_cache(
     if store is not None and store.exists(remote):
         log.info("token cache hit: %s/%s", store.uri, remote)
         return load_safetensors(store.get_bytes(remote))["codes"]
-    from PIL import Image
-
     chunks = []
     for start in tqdm(range(0, len(records), ENCODE_BATCH), desc="VQ-encoding proxy images", mininterval=2.0):
         batch = records[start : start + ENCODE_BATCH]
@@ -140,7 +138,7 @@ def load_student(
     """Base student + the LoRA in `adapter_dir` (merged, for fast sampling)."""
     from peft import PeftModel
 
-    card = read_card(adapter_dir, "student")
+    card = read_adapter_card(adapter_dir, "student")
     backend: StudentBackend = STUDENTS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
     backend.model = PeftModel.from_pretrained(backend.model, str(adapter_dir)).merge_and_unload().eval()

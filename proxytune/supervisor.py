@@ -9,16 +9,15 @@ import torch
 
 from proxytune.backends._base import ModelSource, SupervisorBackend, default_device
 from proxytune.config import SupervisorParams
-from proxytune.contracts import CARD_FILE, AdapterCard
-from proxytune.fsutil import sha256_file
+from proxytune.contracts import AdapterCard, read_adapter_card
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject
+from proxytune.prompts import INSTANCE_TEMPLATE, fill
 from proxytune.registry import SUPERVISORS
 from proxytune.tracking import Tracker
 from proxytune.training import AdapterSpec, fixed_loss, tune_adapter
 
 log = logging.getLogger(__name__)
-INSTANCE_TEMPLATE = "a {identifier} {class_noun}"
 EVAL_SEEDS = range(10_000, 10_008)
 
 
@@ -43,7 +42,7 @@ def tune_supervisor(
     tracker.log_params({**recorded, "photos": len(photos)})
 
     latents = backend.encode_images(to_tensor(photos, resolution))
-    cond = backend.encode_prompts([subject.prompt(INSTANCE_TEMPLATE)])
+    cond = backend.encode_prompts([fill(INSTANCE_TEMPLATE, subject.identifier, subject.class_noun)])
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
@@ -78,20 +77,9 @@ def load_supervisor(
     adapter_dir: str | Path, device: torch.device | None = None
 ) -> tuple[SupervisorBackend, AdapterCard]:
     """Base pipeline + the adapter in `adapter_dir`, checked against its card."""
-    card = read_card(adapter_dir, "supervisor")
+    card = read_adapter_card(adapter_dir, "supervisor")
     backend: SupervisorBackend = SUPERVISORS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
     backend.resolution = card.params["resolution"]
     backend.load_lora(str(adapter_dir))
     return backend, card
-
-
-def read_card(adapter_dir: str | Path, kind: str) -> AdapterCard:
-    """The adapter card, after checking its kind and the weights' hash."""
-    card = AdapterCard.read(Path(adapter_dir) / CARD_FILE)
-    if card.kind != kind:
-        raise ValueError(f"{adapter_dir} holds a {card.kind} adapter, expected a {kind} adapter")
-    weights = Path(adapter_dir) / card.adapter_files[0]
-    if not weights.is_file() or sha256_file(weights) != card.adapter_sha256:
-        raise ValueError(f"{weights} is missing or does not match the sha256 in {CARD_FILE}")
-    return card

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -87,8 +88,6 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         self._metrics.append(Metric(key, float(value), int(time.time() * 1000), step or 0))

@@ -4,7 +4,6 @@ models, and real local servers (moto's S3 server, an MLflow tracking server)."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -174,17 +173,6 @@ def sqlite_tracking(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-@pytest.fixture
-def copy_of():
-    """Copy a session-built directory so a test may modify it."""
-
-    def copy(source: Path, target: Path) -> Path:
-        shutil.copytree(source, target)
-        return target
-
-    return copy
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ import torch
 
 from proxytune.backends._base import ModelSource
 from proxytune.backends.janus import JanusStudent
+from proxytune.contracts import read_adapter_card
 from proxytune.proxy import load_proxy
 from proxytune.registry import STUDENTS
 from proxytune.storage import LocalStore
 from proxytune.student import EVAL_SAMPLES, load_student, token_cache
-from proxytune.supervisor import read_card
 from tests.conftest import CPU
 
 
@@ -34,7 +34,7 @@ def nll_on_cache(backend, proxy_dir):
 
 
 def test_tuning_lowers_nll_on_the_token_cache(student_dir, proxy_dir, janus):
-    card = read_card(student_dir, "student")
+    card = read_adapter_card(student_dir, "student")
     assert card.steps_done == 40
     assert card.eval_loss_after < card.eval_loss_before
     assert nll_on_cache(janus, proxy_dir) == pytest.approx(card.eval_loss_before, rel=1e-5)
@@ -43,7 +43,7 @@ def test_tuning_lowers_nll_on_the_token_cache(student_dir, proxy_dir, janus):
 
 
 def test_student_adapter_files_follow_the_contract(student_dir, proxy_dir):
-    card = read_card(student_dir, "student")
+    card = read_adapter_card(student_dir, "student")
     info, _ = load_proxy(proxy_dir)
     assert {"adapter_model.safetensors", "adapter_config.json", "proxytune.json"} <= {
         p.name for p in student_dir.iterdir()

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from proxytune.backends._base import ModelSource
-from proxytune.contracts import AdapterCard
+from proxytune.contracts import AdapterCard, read_adapter_card
 from proxytune.fsutil import sha256_file
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject
 from proxytune.registry import SUPERVISORS
-from proxytune.supervisor import EVAL_SEEDS, load_supervisor, read_card
+from proxytune.supervisor import EVAL_SEEDS, load_supervisor
 from proxytune.tracking import Tracker
 from proxytune.training import fixed_loss, train_lora
 from tests.conftest import CPU
@@ -40,7 +40,7 @@ def test_tuning_lowers_the_loss_and_the_saved_adapter_carries_it(supervisor_dir,
 
 
 def test_adapter_files_follow_the_contract(supervisor_dir):
-    card = read_card(supervisor_dir, "supervisor")
+    card = read_adapter_card(supervisor_dir, "supervisor")
     assert (card.kind, card.backend, card.base_model.id) == ("supervisor", "tiny-sd", "tiny:sd")
     assert (card.identifier, card.class_noun, card.subjects) == ("sks", "dog", ["dog"])
     assert sorted(p.name for p in supervisor_dir.iterdir()) == [
@@ -50,7 +50,7 @@ def test_adapter_files_follow_the_contract(supervisor_dir):
     ]
     assert card.adapter_sha256 == sha256_file(supervisor_dir / "pytorch_lora_weights.safetensors")
     with pytest.raises(ValueError, match="holds a supervisor adapter, expected a student adapter"):
-        read_card(supervisor_dir, "student")
+        read_adapter_card(supervisor_dir, "student")
 
 
 def test_saved_adapter_reproduces_the_trained_pipeline_exactly(tmp_path):
