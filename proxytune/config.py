@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxytune.prompts import INSTANCE_TEMPLATE
 from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
+from proxytune.sampling import Sampling
 
 
 class _Params(BaseModel):
@@ -75,7 +76,14 @@ class StudentParams(_Params):
     rank: int = Field(8, gt=0)
     alpha: float | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
+    micro_batch_size: int = Field(
+        4, gt=0, description="images per forward pass; gradients accumulate over the batch"
+    )
     null_prompt_prob: float = Field(0.05, ge=0.0, lt=1.0, description="prompt dropout, for CFG")
+    holdout_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="share of each proxy dataset never trained on (held-out loss)"
+    )
+    gradient_checkpointing: bool | None = Field(None, description="activation checkpointing; default: on GPU")
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
 
@@ -89,13 +97,25 @@ class EvalParams(_Params):
     dino_encoder: str = "tiny-dino"
     num_prompts: int = Field(2, gt=0, le=25)
     images_per_prompt: int = Field(2, gt=0)
-    student_guidance_scale: float = Field(5.0, ge=1.0)
+    student_guidance_scale: float | None = Field(None, ge=1.0, description="default: the backend's")
+    student_temperature: float | None = Field(None, gt=0.0, description="default: the backend's")
+    student_top_k: int | None = Field(None, ge=0, description="0 = all codes; default: the backend's")
+    student_top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the backend's")
     supervisor_guidance_scale: float = Field(5.0, ge=1.0)
     supervisor_inference_steps: int = Field(10, gt=0)
     batch_size: int = Field(8, gt=0)
     seed: int = 0
 
     _check_encoders = field_validator("clip_encoder", "dino_encoder")(lambda v: ENCODERS.check(v))
+
+    def student_sampling(self, defaults: Sampling) -> Sampling:
+        """The student backend's reference sampling with the values set here on top."""
+        return defaults.override(
+            guidance_scale=self.student_guidance_scale,
+            temperature=self.student_temperature,
+            top_k=self.student_top_k,
+            top_p=self.student_top_p,
+        )
 
 
 class RunParams(_Params):

@@ -78,6 +78,14 @@ class Subject(_Contract):
         return value
 
 
+class SubjectRef(_Contract):
+    """A subject an adapter was tuned on, and the identifier that calls it up."""
+
+    name: str
+    identifier: str
+    class_noun: str
+
+
 class ModelRef(_Contract):
     id: str
     revision: str | None = None
@@ -88,15 +96,13 @@ class AdapterCard(_Contract):
 
     kind: Literal["supervisor", "student"]
     backend: str
-    base_model: ModelRef
-    subjects: list[str]
-    identifier: str
-    class_noun: str
+    base_model: ModelRef = Field(description="base weights; revision is the resolved hub commit where known")
+    subjects: list[SubjectRef] = Field(min_length=1)
     params: dict[str, Any]
     steps_done: int
     losses: list[float]
-    eval_loss_before: float
-    eval_loss_after: float
+    loss_before: dict[str, float] = Field(description="evaluation losses by split, before training")
+    loss_after: dict[str, float] = Field(description="the same losses after training")
     adapter_files: list[str]
     adapter_sha256: str
     proxytune_version: str

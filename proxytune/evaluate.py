@@ -162,9 +162,12 @@ def evaluate(
 
 def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:
     backend, card = load_student(adapter_dir, device)
+    sampling = params.student_sampling(backend.sampling)
+    log.info("student sampling: %s", sampling)
 
     def generate(batch: list[str], start: int) -> list[Image.Image]:
-        return backend.generate(batch, params.student_guidance_scale, seed=params.seed + start)
+        seeds = [params.seed + start + i for i in range(len(batch))]
+        return backend.generate(batch, seeds, sampling, params.batch_size)
 
     return _in_batches(prompts, params.batch_size, "student samples", generate), card
 

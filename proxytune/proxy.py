@@ -62,13 +62,14 @@ def generate_proxy(
     """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`."""
     tracker = tracker or Tracker()
     card = read_adapter_card(supervisor_dir, "supervisor")
-    prompt = fill(params.prompt_template, card.identifier, card.class_noun)
+    (subject,) = card.subjects
+    prompt = fill(params.prompt_template, subject.identifier, subject.class_noun)
     recipe = params.model_dump(exclude={"batch_size"})
     info = ProxyInfo(
         key=sha256_json({"adapter": card.adapter_sha256, "base": card.base_model.model_dump(), **recipe}),
-        subject=",".join(card.subjects),
-        identifier=card.identifier,
-        class_noun=card.class_noun,
+        subject=subject.name,
+        identifier=subject.identifier,
+        class_noun=subject.class_noun,
         supervisor=f"{card.backend}@{card.adapter_sha256[:16]}",
         params=recipe,
         num_images=params.num_images,

@@ -3,7 +3,8 @@
     model = mlflow.pyfunc.load_model("models:/proxytune-dog@champion")
     pngs = model.predict(["a sks dog in the snow"], params={"guidance_scale": 5.0, "seed": 0})
 
-`predict` returns one base64-encoded PNG per prompt.
+`predict` returns one base64-encoded PNG per prompt; prompt i uses seed `seed + i` and the
+backend's reference sampling, with the guidance scale given.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ class StudentModel(PythonModel):
         from proxytune.images import png_bytes
 
         params = params or {}
-        images = self.backend.generate(
-            list(model_input), float(params.get("guidance_scale", 5.0)), int(params.get("seed", 0))
-        )
+        prompts, seed = list(model_input), int(params.get("seed", 0))
+        sampling = self.backend.sampling.override(guidance_scale=params.get("guidance_scale"))
+        images = self.backend.generate(prompts, [seed + i for i in range(len(prompts))], sampling)
         return [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]
 
 

@@ -1,14 +1,22 @@
-"""Student tuning: LoRA on the AR model, trained on the proxy dataset only.
+"""Student tuning: LoRA on the AR model, trained on proxy datasets only.
 
-The proxy images are VQ-encoded once into a token cache (`token-cache/<key>.safetensors`
-in the object store, keyed by student weights, resolution and proxy dataset), so repeated
-or resumed runs, and later epochs, never re-encode. The loss is cross-entropy on the image
-tokens given the prompt, with prompt dropout for classifier-free guidance.
+- Token cache: each proxy dataset is VQ-encoded once into `token-cache/<key>.safetensors` in
+  the object store, keyed by student weights (and revision), resolution, the encoding's
+  version and the dataset, so repeated or resumed runs, and later epochs, never re-encode,
+  and a changed encoding never reuses old codes.
+- Held-out split: the last `holdout_fraction` of every dataset (at least one image) is never
+  trained on; the card and MLflow get the loss on it and on training images, before and after.
+- Several datasets (one per subject, each with its own identifier) train one joint adapter
+  on their mixture: a multi-subject student.
+- Memory: every pass runs in micro-batches of `micro_batch_size` images (gradients
+  accumulate over the batch), with activation checkpointing on GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -17,9 +25,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from proxytune.backends._base import ModelSource, StudentBackend, default_device
+from proxytune.backends._ar import ARStudent
+from proxytune.backends._base import ModelSource, default_device
 from proxytune.config import StudentParams
-from proxytune.contracts import AdapterCard, ProxyRecord, read_adapter_card
+from proxytune.contracts import AdapterCard, ProxyInfo, ProxyRecord, SubjectRef, read_adapter_card
 from proxytune.fsutil import sha256_json
 from proxytune.images import to_tensor
 from proxytune.proxy import load_proxy
@@ -30,25 +39,26 @@ from proxytune.training import AdapterSpec, tune_adapter
 
 log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EVAL_SAMPLES = 64
+EVAL_SAMPLES = 64  # images per loss estimate (train and held-out)
 ENCODE_BATCH = 16
 
 
 def token_cache(
-    backend: StudentBackend,
-    source: ModelSource,
+    backend: ARStudent,
     dataset_dir: Path,
     proxy_key: str,
     records: list[ProxyRecord],
     store: ObjectStore | None,
 ) -> torch.Tensor:
     """VQ codes (N, T) of the proxy images, from the store if encoded before."""
+    source = backend.loaded_source
     key = sha256_json(
         {
             "backend": backend.name,
             "source": source.id,
             "revision": source.revision,
             "resolution": backend.resolution,
+            "encoding": backend.encoding,
             "proxy": proxy_key,
             "files": [r.file for r in records],
         }
@@ -69,59 +79,107 @@ def token_cache(
     return codes
 
 
+def holdout_split(count: int, fraction: float, where: str) -> tuple[range, range]:
+    """Train and held-out indices of a dataset: the last ceil(fraction * count) are held out."""
+    held = max(1, math.ceil(fraction * count))
+    if count - held < 1:
+        raise ValueError(f"{where}: {count} proxy image(s) leave none to train on after holding out {held}")
+    return range(count - held), range(count - held, count)
+
+
+def _load_datasets(proxy_dirs: Sequence[Path]) -> list[tuple[ProxyInfo, list[ProxyRecord]]]:
+    datasets = [load_proxy(d) for d in proxy_dirs]
+    identifiers = [info.identifier for info, _ in datasets]
+    if len(set(identifiers)) != len(identifiers):
+        raise ValueError(
+            f"a multi-subject student needs one identifier per subject, got {identifiers} "
+            "(give each subject its own --identifier)"
+        )
+    return datasets
+
+
 def tune_student(
-    proxy_dir: str | Path,
+    proxy_dirs: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     params: StudentParams,
     store: ObjectStore | None = None,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
 ) -> AdapterCard:
-    """LoRA-tune the student on the proxy Dataset in `proxy_dir`; adapter to `out_dir`."""
+    """LoRA-tune the student on one or more proxy Datasets; adapter to `out_dir`."""
     from peft import LoraConfig, get_peft_model
 
     tracker = tracker or Tracker()
-    proxy_dir = Path(proxy_dir)
-    info, records = load_proxy(proxy_dir)
-    backend: StudentBackend = STUDENTS.create(params.backend)
+    dirs = [Path(proxy_dirs)] if isinstance(proxy_dirs, str | Path) else [Path(d) for d in proxy_dirs]
+    datasets = _load_datasets(dirs)
+    splits = [
+        holdout_split(len(records), params.holdout_fraction, str(d))
+        for d, (_, records) in zip(dirs, datasets, strict=True)
+    ]
+    backend: ARStudent = STUDENTS.create(params.backend)
+    device = device or default_device()
     source = ModelSource(params.model_source) if params.model_source else backend.source
     log.info("loading student %s (%s)", backend.name, source.id)
-    backend.load(device or default_device(), source)
+    backend.load(device, source)
+
+    prompts: list[str] = []
+    codes, train, held = [], [], []
+    for directory, (info, records), (train_part, held_part) in zip(dirs, datasets, splits, strict=True):
+        offset = len(prompts)
+        codes.append(token_cache(backend, directory, info.key, records, store))
+        prompts += [r.prompt for r in records]
+        train += [offset + i for i in train_part]
+        held += [offset + i for i in held_part]
+    all_codes = torch.cat(codes)
     alpha = params.alpha or float(params.rank)
-    codes = token_cache(backend, source, proxy_dir, info.key, records, store)
-    prompts = [r.prompt for r in records]
-    recorded = {**params.model_dump(), "alpha": alpha, "proxy_key": info.key, "proxy_images": len(records)}
+    recorded = {
+        **params.model_dump(),
+        "alpha": alpha,
+        "proxy_keys": [info.key for info, _ in datasets],
+        "train_images": len(train),
+        "heldout_images": len(held),
+    }
     tracker.log_params(recorded)
 
-    config = LoraConfig(r=params.rank, lora_alpha=alpha, target_modules=backend.lora_target_modules)
-    peft_model = get_peft_model(backend.model, config)
+    peft_model = get_peft_model(
+        backend.model, LoraConfig(r=params.rank, lora_alpha=alpha, target_modules=backend.lora_target_modules)
+    )
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()
     log.info("student LoRA: %d trainable parameters", sum(p.numel() for p in trainable))
+    checkpointing = (
+        device.type == "cuda" if params.gradient_checkpointing is None else params.gradient_checkpointing
+    )
+    backend.train_mode(checkpointing)
 
-    def batch_loss(generator: torch.Generator) -> torch.Tensor:
-        index = torch.randint(0, len(records), (params.batch_size,), generator=generator)
+    def micro_batches(index: list[int], unconditional: list[bool]) -> Iterator[tuple[torch.Tensor, float]]:
+        for start in range(0, len(index), params.micro_batch_size):
+            part = slice(start, start + params.micro_batch_size)
+            inputs = backend.tokenize([prompts[i] for i in index[part]], unconditional[part])
+            yield backend.nll(inputs, all_codes[index[part]]), len(index[part]) / len(index)
+
+    def batch_loss(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
+        picks = torch.randint(0, len(train), (params.batch_size,), generator=generator).tolist()
         unconditional = (
             torch.rand(params.batch_size, generator=generator) < params.null_prompt_prob
         ).tolist()
-        inputs = backend.tokenize([prompts[i] for i in index], unconditional)
-        return backend.nll(inputs, codes[index])
-
-    held = min(EVAL_SAMPLES, len(records))
-    held_inputs = backend.tokenize(prompts[:held], [False] * held)
+        return micro_batches([train[i] for i in picks], unconditional)
 
     @torch.no_grad()
-    def eval_nll() -> float:
-        return backend.nll(held_inputs, codes[:held]).item()
+    def eval_losses() -> dict[str, float]:
+        return {
+            name: sum(loss.item() * share for loss, share in micro_batches(index, [False] * len(index)))
+            for name, index in (("train", train[:EVAL_SAMPLES]), ("heldout", held[:EVAL_SAMPLES]))
+        }
 
     spec = AdapterSpec(
         kind="student",
         backend=backend.name,
-        source=source,
-        subjects=info.subject.split(","),
-        identifier=info.identifier,
-        class_noun=info.class_noun,
+        source=backend.loaded_source,
+        subjects=[
+            SubjectRef(name=i.subject, identifier=i.identifier, class_noun=i.class_noun) for i, _ in datasets
+        ],
         params=recorded,
     )
 
@@ -129,17 +187,17 @@ def tune_student(
         peft_model.save_pretrained(str(folder), safe_serialization=True)
         return [ADAPTER_WEIGHTS, "adapter_config.json"]
 
-    return tune_adapter(spec, params, trainable, batch_loss, eval_nll, save_weights, out_dir, tracker)
+    return tune_adapter(spec, params, trainable, batch_loss, eval_losses, save_weights, out_dir, tracker)
 
 
 def load_student(
     adapter_dir: str | Path, device: torch.device | None = None
-) -> tuple[StudentBackend, AdapterCard]:
+) -> tuple[ARStudent, AdapterCard]:
     """Base student + the LoRA in `adapter_dir` (merged, for fast sampling)."""
     from peft import PeftModel
 
     card = read_adapter_card(adapter_dir, "student")
-    backend: StudentBackend = STUDENTS.create(card.backend)
+    backend: ARStudent = STUDENTS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
     backend.model = PeftModel.from_pretrained(backend.model, str(adapter_dir)).merge_and_unload().eval()
     return backend, card

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from proxytune.backends._base import ModelSource, SupervisorBackend, default_device
 from proxytune.config import SupervisorParams
-from proxytune.contracts import AdapterCard, read_adapter_card
+from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject
 from proxytune.prompts import INSTANCE_TEMPLATE, fill
@@ -44,21 +45,21 @@ def tune_supervisor(
     latents = backend.encode_images(to_tensor(photos, resolution))
     cond = backend.encode_prompts([fill(INSTANCE_TEMPLATE, subject.identifier, subject.class_noun)])
 
-    def batch_loss(generator: torch.Generator) -> torch.Tensor:
+    def batch_loss(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
         index = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
-        return backend.training_loss(latents[index], cond.expand(params.batch_size, -1, -1), generator)
+        yield backend.training_loss(latents[index], cond.expand(params.batch_size, -1, -1), generator), 1.0
 
-    def all_photos_loss(generator: torch.Generator) -> torch.Tensor:
-        return backend.training_loss(latents, cond.expand(latents.shape[0], -1, -1), generator)
+    def all_photos_loss(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
+        yield backend.training_loss(latents, cond.expand(latents.shape[0], -1, -1), generator), 1.0
 
     trainable = backend.add_lora(params.rank, alpha)
     spec = AdapterSpec(
         kind="supervisor",
         backend=backend.name,
         source=source,
-        subjects=[subject.name],
-        identifier=subject.identifier,
-        class_noun=subject.class_noun,
+        subjects=[
+            SubjectRef(name=subject.name, identifier=subject.identifier, class_noun=subject.class_noun)
+        ],
         params=recorded,
     )
     return tune_adapter(
@@ -66,7 +67,7 @@ def tune_supervisor(
         params,
         trainable,
         batch_loss,
-        lambda: fixed_loss(all_photos_loss, EVAL_SEEDS),
+        lambda: {"photos": fixed_loss(all_photos_loss, EVAL_SEEDS)},
         lambda folder: backend.save_lora(str(folder)),
         out_dir,
         tracker,

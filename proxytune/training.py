@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,22 @@ from tqdm.auto import tqdm
 from proxytune import __version__
 from proxytune.backends._base import ModelSource
 from proxytune.config import StudentParams, SupervisorParams
-from proxytune.contracts import CARD_FILE, AdapterCard, ModelRef
+from proxytune.contracts import CARD_FILE, AdapterCard, ModelRef, SubjectRef
 from proxytune.fsutil import atomic_directory, sha256_file
 from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
+MicroBatches = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, float]]]
+"""Draws one batch with all its randomness from the generator and yields it as micro-batches:
+(mean loss of the micro-batch, its share of the batch). Only one micro-batch's activations
+are alive at a time, so the batch size never decides the peak memory."""
+
+
 def train_lora(
     parameters: Sequence[torch.nn.Parameter],
-    batch_loss: Callable[[torch.Generator], torch.Tensor],
+    batch_loss: MicroBatches,
     *,
     steps: int,
     learning_rate: float,
@@ -33,34 +39,40 @@ def train_lora(
     tracker: Tracker,
     desc: str,
 ) -> list[float]:
-    """AdamW on `parameters` for `steps` steps; `batch_loss(generator)` draws a batch and
-    returns its loss, taking all its randomness from `generator` (seeded: reproducible).
-    Logs `train_loss` per step; returns the losses."""
+    """AdamW on `parameters` for `steps` steps, accumulating gradients over micro-batches.
+    The generator is seeded, so a run is reproducible. Logs `train_loss` per step; returns
+    the losses."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     every = max(1, steps // 10)
     with tqdm(range(steps), desc=desc, unit="step", mininterval=2.0) as progress:
         for step in progress:
-            loss = batch_loss(generator)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
-            loss.backward()
+            total = 0.0
+            for loss, share in batch_loss(generator):
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
+                (loss * share).backward()
+                total += loss.item() * share
             torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tracker.log_metric("train_loss", losses[-1], step)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            losses.append(total)
+            tracker.log_metric("train_loss", total, step)
+            progress.set_postfix(loss=f"{total:.4f}", refresh=False)
             if step % every == 0 or step == steps - 1:
-                log.info("%s step %d/%d loss %.4f", desc, step + 1, steps, losses[-1])
+                log.info("%s step %d/%d loss %.4f", desc, step + 1, steps, total)
     return losses
 
 
 @torch.no_grad()
-def fixed_loss(batch_loss: Callable[[torch.Generator], torch.Tensor], seeds: Sequence[int]) -> float:
+def fixed_loss(batch_loss: MicroBatches, seeds: Sequence[int]) -> float:
     """Mean loss over fixed draws: comparable before and after training."""
-    return sum(batch_loss(torch.Generator().manual_seed(s)).item() for s in seeds) / len(seeds)
+    totals = [
+        sum(loss.item() * share for loss, share in batch_loss(torch.Generator().manual_seed(s)))
+        for s in seeds
+    ]
+    return sum(totals) / len(totals)
 
 
 @dataclass(frozen=True)
@@ -70,9 +82,7 @@ class AdapterSpec:
     kind: str
     backend: str
     source: ModelSource
-    subjects: list[str]
-    identifier: str
-    class_noun: str
+    subjects: list[SubjectRef]
     params: dict[str, Any]
 
 
@@ -80,15 +90,16 @@ def tune_adapter(
     spec: AdapterSpec,
     settings: SupervisorParams | StudentParams,
     parameters: Sequence[torch.nn.Parameter],
-    batch_loss: Callable[[torch.Generator], torch.Tensor],
-    eval_loss: Callable[[], float],
+    batch_loss: MicroBatches,
+    eval_losses: Callable[[], dict[str, float]],
     save_weights: Callable[[Path], list[str]],
     out_dir: str | Path,
     tracker: Tracker,
 ) -> AdapterCard:
-    """Train the LoRA `parameters`, measure `eval_loss` before and after, and write the
-    adapter (`save_weights`, first file = the weights) with its card to `out_dir`."""
-    before = eval_loss()
+    """Train the LoRA `parameters`, measure `eval_losses` (named, e.g. train and held-out)
+    before and after, and write the adapter (`save_weights`, first file = the weights) with
+    its card to `out_dir`."""
+    before = eval_losses()
     losses = train_lora(
         parameters,
         batch_loss,
@@ -99,9 +110,16 @@ def tune_adapter(
         tracker=tracker,
         desc=f"{spec.kind} {spec.backend}",
     )
-    after = eval_loss()
-    log.info("%s held-out loss %.4f -> %.4f", spec.kind, before, after)
-    tracker.log_metrics({"eval_loss_before": before, "eval_loss_after": after})
+    after = eval_losses()
+    for name in before:
+        log.info("%s %s loss %.4f -> %.4f", spec.kind, name, before[name], after[name])
+    tracker.log_metrics(
+        {
+            f"{name}_loss_{when}": losses[name]
+            for when, losses in (("before", before), ("after", after))
+            for name in losses
+        }
+    )
     with atomic_directory(out_dir) as tmp:
         files = save_weights(tmp)
         card = AdapterCard(
@@ -109,13 +127,11 @@ def tune_adapter(
             backend=spec.backend,
             base_model=ModelRef(id=spec.source.id, revision=spec.source.revision),
             subjects=spec.subjects,
-            identifier=spec.identifier,
-            class_noun=spec.class_noun,
             params=spec.params,
             steps_done=len(losses),
             losses=losses,
-            eval_loss_before=before,
-            eval_loss_after=after,
+            loss_before=before,
+            loss_after=after,
             adapter_files=files,
             adapter_sha256=sha256_file(tmp / files[0]),
             proxytune_version=__version__,

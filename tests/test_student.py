@@ -1,14 +1,21 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import proxytune.backends._ar as ar
+from proxytune.backends._ar import ARStudent
 from proxytune.backends._base import ModelSource
-from proxytune.backends.janus import JanusStudent
-from proxytune.contracts import read_adapter_card
+from proxytune.backends.janus import random_janus
+from proxytune.config import EvalParams
+from proxytune.contracts import SubjectRef, read_adapter_card
 from proxytune.proxy import load_proxy
 from proxytune.registry import STUDENTS
 from proxytune.storage import LocalStore
-from proxytune.student import EVAL_SAMPLES, load_student, token_cache
+from proxytune.student import holdout_split, load_student, token_cache, tune_student
 from tests.conftest import CPU
 
 
@@ -21,25 +28,25 @@ def janus():
 
 def cached_codes(backend, proxy_dir, store=None):
     info, records = load_proxy(proxy_dir)
-    return token_cache(backend, backend.source, proxy_dir, info.key, records, store), records
+    return token_cache(backend, proxy_dir, info.key, records, store), records
 
 
-def nll_on_cache(backend, proxy_dir):
+def mean_nll(backend, proxy_dir, rows):
     codes, records = cached_codes(backend, proxy_dir)
-    held = min(EVAL_SAMPLES, len(records))
     with torch.no_grad():
-        return backend.nll(
-            backend.tokenize([r.prompt for r in records[:held]], [False] * held), codes[:held]
-        ).item()
+        inputs = backend.tokenize([records[i].prompt for i in rows], [False] * len(rows))
+        return backend.nll(inputs, codes[list(rows)]).item()
 
 
-def test_tuning_lowers_nll_on_the_token_cache(student_dir, proxy_dir, janus):
+def test_tuning_lowers_the_training_loss_and_the_card_carries_both_splits(student_dir, proxy_dir, janus):
     card = read_adapter_card(student_dir, "student")
-    assert card.steps_done == 40
-    assert card.eval_loss_after < card.eval_loss_before
-    assert nll_on_cache(janus, proxy_dir) == pytest.approx(card.eval_loss_before, rel=1e-5)
+    train, held = holdout_split(16, 0.1, "x")
+    assert (card.steps_done, card.params["train_images"], card.params["heldout_images"]) == (40, 14, 2)
+    assert card.loss_after["train"] < card.loss_before["train"]
     tuned, _ = load_student(student_dir, CPU)
-    assert nll_on_cache(tuned, proxy_dir) == pytest.approx(card.eval_loss_after, rel=1e-4)
+    for split, rows in (("train", train), ("heldout", held)):
+        assert mean_nll(janus, proxy_dir, rows) == pytest.approx(card.loss_before[split], rel=1e-5)
+        assert mean_nll(tuned, proxy_dir, rows) == pytest.approx(card.loss_after[split], rel=1e-4)
 
 
 def test_student_adapter_files_follow_the_contract(student_dir, proxy_dir):
@@ -48,11 +55,72 @@ def test_student_adapter_files_follow_the_contract(student_dir, proxy_dir):
     assert {"adapter_model.safetensors", "adapter_config.json", "proxytune.json"} <= {
         p.name for p in student_dir.iterdir()
     }
-    assert (card.backend, card.base_model.id, card.params["proxy_key"]) == (
+    assert (card.backend, card.base_model.id, card.params["proxy_keys"]) == (
         "tiny-janus",
-        "tiny:janus",
-        info.key,
+        "random:tiny-janus",
+        [info.key],
     )
+    assert card.subjects == [SubjectRef(name="dog", identifier="sks", class_noun="dog")]
+
+
+def test_heldout_images_are_never_trained_on_and_every_pass_is_micro_batched(
+    proxy_dir, params, tmp_path, monkeypatch
+):
+    seen = {"train": [], "eval": []}
+    original = ARStudent.nll
+
+    def spy(self, inputs, batch_codes):
+        seen["train" if torch.is_grad_enabled() else "eval"].append(batch_codes.clone())
+        return original(self, inputs, batch_codes)
+
+    monkeypatch.setattr(ARStudent, "nll", spy)
+    student = params.student.model_copy(update={"steps": 6, "batch_size": 5, "micro_batch_size": 2})
+    tune_student(proxy_dir, tmp_path / "student", student, device=CPU)
+
+    backend = STUDENTS.create("tiny-janus")
+    backend.load(CPU)
+    codes, _ = cached_codes(backend, proxy_dir)
+    held = {tuple(row.tolist()) for row in codes[-2:]}
+    trained = {tuple(row.tolist()) for batch in seen["train"] for row in batch}
+    evaluated = {tuple(row.tolist()) for batch in seen["eval"] for row in batch}
+    assert trained and not trained & held
+    assert held <= evaluated
+    assert max(len(batch) for batch in seen["train"] + seen["eval"]) == 2
+    assert len(seen["train"]) == 6 * 3  # 5 images per step in micro-batches of 2, 2, 1
+
+
+def test_gradient_checkpointing_saves_less_for_backward_and_keeps_the_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    backend = STUDENTS.create("tiny-janus")
+    backend.load(CPU)
+    peft_model = get_peft_model(backend.model, LoraConfig(r=4, target_modules=backend.lora_target_modules))
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    inputs = backend.tokenize(["a sks dog", "a cat"], [False, True])
+    codes = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def gradients():
+        saved = []  # bytes kept for backward outside checkpointed regions
+        for p in lora:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            loss = backend.nll(inputs, codes)
+        loss.backward()
+        return [p.grad.clone() for p in lora], sum(saved)
+
+    backend.train_mode(gradient_checkpointing=False)
+    plain, plain_bytes = gradients()
+    backend.train_mode(gradient_checkpointing=True)
+    checkpointed, checkpointed_bytes = gradients()
+    assert checkpointed_bytes < plain_bytes / 2
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_dataset_too_small_to_hold_out_is_refused():
+    assert holdout_split(10, 0.25, "x") == (range(7), range(7, 10))
+    with pytest.raises(ValueError, match="1 proxy image"):
+        holdout_split(1, 0.1, "proxy/")
 
 
 def test_token_cache_is_encoded_once_and_reused(proxy_dir, janus, tmp_path, monkeypatch):
@@ -65,9 +133,18 @@ def test_token_cache_is_encoded_once_and_reused(proxy_dir, janus, tmp_path, monk
     def no_encoding(self, pixels):
         raise AssertionError("cached codes must not be encoded again")
 
-    monkeypatch.setattr(JanusStudent, "encode_images", no_encoding)
+    monkeypatch.setattr(type(janus), "encode_images", no_encoding)
     again, _ = cached_codes(janus, proxy_dir, store)
     assert torch.equal(codes, again)
+
+
+def test_a_new_encoding_never_reuses_old_token_caches(proxy_dir, janus, tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    monkeypatch.setattr(janus, "encoding", "an-older-encoding")
+    cached_codes(janus, proxy_dir, store)
+    monkeypatch.undo()
+    cached_codes(janus, proxy_dir, store)
+    assert len(store.list("token-cache/")) == 2
 
 
 def test_unconditional_prompts_keep_only_bos_and_begin_of_image(janus):
@@ -77,17 +154,55 @@ def test_unconditional_prompts_keep_only_bos_and_begin_of_image(janus):
     assert ids.shape == mask.shape and ids[:, -1].tolist() == [janus.boi_id] * 2
     uncond = ids[0][mask[0].bool()].tolist()
     assert uncond[0] == tokenizer.bos_token_id and uncond[-1] == janus.boi_id
-    assert set(uncond[1:-1]) == {tokenizer.pad_token_id}
+    assert set(uncond[1:-1]) == {tokenizer.convert_tokens_to_ids("<｜▁pad▁｜>")}
     assert mask[0, 0] == 0  # left padding keeps the image right after the prompt
     cond = ids[1][mask[1].bool()].tolist()
     assert tokenizer.decode(cond[1:-1]) == "<|User|>: a much longer prompt\n\n<|Assistant|>:"
 
 
+def test_the_chunked_loss_equals_one_cross_entropy_over_the_block(janus, monkeypatch):
+    codes = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs = janus.tokenize(["a", "a sks dog", "b"], [False, False, True])
+    monkeypatch.setattr(ar, "LOSS_CHUNK", 5)
+    with torch.no_grad():
+        chunked = janus.nll(inputs, codes)
+        model = janus.model
+        text = model.get_input_embeddings()(inputs["input_ids"])
+        image = model.prepare_embeddings_for_image_generation(codes[:, :-1])
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, 15, dtype=torch.long)], 1)
+        hidden = model.model.language_model(
+            inputs_embeds=torch.cat([text, image], 1),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        ).last_hidden_state
+        logits = model.model.generation_head(hidden[:, inputs["input_ids"].shape[1] - 1 :])
+    reference = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_fast_sampling_equals_the_reference_loop_and_ignores_batch_neighbours(janus):
+    sampling = janus.sampling.override(top_k=20, top_p=0.95, temperature=0.9)
+    prompts, seeds = ["a sks dog", "a cat on a long road", "x"], [5, 6, 7]
+    fast = janus.sample_codes(prompts, seeds, sampling, batch_size=2)
+    for i in range(3):
+        assert torch.equal(fast[i], janus.reference_codes(prompts[i], seeds[i], sampling)[0])
+    assert torch.equal(janus.sample_codes(prompts[1:2], seeds[1:2], sampling)[0], fast[1])
+    assert not torch.equal(janus.sample_codes(prompts[1:2], [8], sampling)[0], fast[1])
+
+
+def test_guidance_one_samples_the_conditional_model_only(student_dir):
+    student, _ = load_student(student_dir, CPU)
+    sampling = EvalParams(student_guidance_scale=1.0).student_sampling(student.sampling)
+    images = student.generate(["a sks dog", "a sks dog"], [1, 2], sampling)
+    assert [im.size for im in images] == [(32, 32)] * 2
+    codes = student.sample_codes(["a sks dog"], [1], sampling)
+    assert torch.equal(codes, student.reference_codes("a sks dog", 1, sampling))
+
+
 def test_generation_is_seeded_and_decodes_to_images(student_dir):
     student, _ = load_student(student_dir, CPU)
-    first = student.generate(["a sks dog", "a sks dog in the snow"], 5.0, seed=3)
-    again = student.generate(["a sks dog", "a sks dog in the snow"], 5.0, seed=3)
-    other = student.generate(["a sks dog", "a sks dog in the snow"], 5.0, seed=4)
+    prompts = ["a sks dog", "a sks dog in the snow"]
+    first, again, other = (student.generate(prompts, seeds) for seeds in ([3, 4], [3, 4], [5, 6]))
     assert [im.size for im in first] == [(32, 32), (32, 32)]
     as_array = lambda images: np.stack([np.asarray(i) for i in images])  # noqa: E731
     assert np.array_equal(as_array(first), as_array(again))
@@ -96,9 +211,57 @@ def test_generation_is_seeded_and_decodes_to_images(student_dir):
 
 def test_tiny_weights_are_the_same_on_every_build(janus):
     torch.manual_seed(12345)  # the global RNG state must not matter
-    other = JanusStudent("tiny-janus", ModelSource("tiny:janus"))
+    other = STUDENTS.create("tiny-janus")
     other.load(CPU)
     for (name, a), (_, b) in zip(
         janus.model.state_dict().items(), other.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def hub_cache(root, repo: str, commit: str, folder):
+    """Lay `folder` out as the Hugging Face cache holds a download of `repo` at `commit`."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, base / "snapshots" / commit)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_hub_checkpoints_load_offline_and_record_their_commit(tmp_path, monkeypatch):
+    model, tokenizer = random_janus("tiny-janus")
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache(tmp_path / "hub", "someone/tiny-janus", commit, tmp_path / "saved")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    backend = STUDENTS.create("tiny-janus")
+    backend.load(CPU, ModelSource("someone/tiny-janus"))
+    assert backend.loaded_source == ModelSource("someone/tiny-janus", commit)
+    for (name, a), (_, b) in zip(model.state_dict().items(), backend.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer = random_janus("tiny-janus")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.generation_head.vision_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 weight"):
+        STUDENTS.create("tiny-janus").load(CPU, ModelSource(str(tmp_path)))
+
+
+def test_special_tokens_that_disagree_with_the_generation_config_are_refused(tmp_path):
+    model, tokenizer = random_janus("tiny-janus")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    generation["generation_kwargs"]["boi_token_id"] = 260
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    with pytest.raises(ValueError, match="boi_token_id: tokenizer 259 vs generation_config 260"):
+        STUDENTS.create("tiny-janus").load(CPU, ModelSource(str(tmp_path)))

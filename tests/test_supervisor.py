@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from proxytune.backends._base import ModelSource
-from proxytune.contracts import AdapterCard, read_adapter_card
+from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
 from proxytune.fsutil import sha256_file
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject
@@ -24,25 +24,25 @@ def fixed_draw_loss(backend, subject_dir):
     cond = backend.encode_prompts([f"a {subject.identifier} {subject.class_noun}"]).expand(
         len(photos), -1, -1
     )
-    return fixed_loss(lambda g: backend.training_loss(latents, cond, g), EVAL_SEEDS)
+    return fixed_loss(lambda g: iter([(backend.training_loss(latents, cond, g), 1.0)]), EVAL_SEEDS)
 
 
 def test_tuning_lowers_the_loss_and_the_saved_adapter_carries_it(supervisor_dir, subject_dir):
     card = AdapterCard.read(supervisor_dir / "proxytune.json")
     assert card.steps_done == len(card.losses) == 40
-    assert card.eval_loss_after < card.eval_loss_before
+    assert card.loss_after["photos"] < card.loss_before["photos"]
 
     base = SUPERVISORS.create(card.backend)
     base.load(CPU, ModelSource(card.base_model.id))
-    assert fixed_draw_loss(base, subject_dir) == pytest.approx(card.eval_loss_before, rel=1e-5)
+    assert fixed_draw_loss(base, subject_dir) == pytest.approx(card.loss_before["photos"], rel=1e-5)
     tuned, _ = load_supervisor(supervisor_dir, CPU)
-    assert fixed_draw_loss(tuned, subject_dir) == pytest.approx(card.eval_loss_after, rel=1e-5)
+    assert fixed_draw_loss(tuned, subject_dir) == pytest.approx(card.loss_after["photos"], rel=1e-5)
 
 
 def test_adapter_files_follow_the_contract(supervisor_dir):
     card = read_adapter_card(supervisor_dir, "supervisor")
     assert (card.kind, card.backend, card.base_model.id) == ("supervisor", "tiny-sd", "tiny:sd")
-    assert (card.identifier, card.class_noun, card.subjects) == ("sks", "dog", ["dog"])
+    assert card.subjects == [SubjectRef(name="dog", identifier="sks", class_noun="dog")]
     assert sorted(p.name for p in supervisor_dir.iterdir()) == [
         "adapter_config.json",
         "proxytune.json",
@@ -60,7 +60,7 @@ def test_saved_adapter_reproduces_the_trained_pipeline_exactly(tmp_path):
     cond = backend.encode_prompts(["a sks dog"]).expand(2, -1, -1)
     train_lora(
         backend.add_lora(4, 4.0),
-        lambda g: backend.training_loss(latents, cond, g),
+        lambda g: iter([(backend.training_loss(latents, cond, g), 1.0)]),
         steps=3,
         learning_rate=1e-2,
         max_grad_norm=1.0,

@@ -2,7 +2,8 @@
 
 The stage code (`proxytune.supervisor`, `proxytune.student`, `proxytune.evaluate`) is
 model-agnostic: it owns loops, batching, caching, logging and file formats; a family
-module only says how to load its model, encode, compute its loss and sample.
+module only says how to load its model, encode, compute its loss and sample. The AR
+students' shared core (prompts, loss, the sampling loop) is `proxytune.backends._ar`.
 """
 
 from __future__ import annotations
@@ -99,34 +100,6 @@ class SupervisorBackend(ABC):
         self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float
     ) -> list[Image.Image]:
         """One image per prompt; image i depends only on (prompt i, seed i)."""
-
-
-class StudentBackend(ABC):
-    """An AR image-token model family that can be LoRA-tuned on VQ codes and sampled."""
-
-    name: str
-    source: ModelSource
-    resolution: int
-    lora_target_modules: str
-    model: torch.nn.Module
-
-    @abstractmethod
-    def load(self, device: torch.device, source: ModelSource | None = None) -> None: ...
-
-    @abstractmethod
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (N, 3, R, R) -> VQ codes (N, T), int64."""
-
-    @abstractmethod
-    def tokenize(self, prompts: Sequence[str], unconditional: Sequence[bool]) -> dict[str, torch.Tensor]:
-        """Prompts -> model inputs ending right before the first image token."""
-
-    @abstractmethod
-    def nll(self, inputs: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of `codes` given the prompts (teacher forcing)."""
-
-    @abstractmethod
-    def generate(self, prompts: Sequence[str], guidance_scale: float, seed: int) -> list[Image.Image]: ...
 
 
 class ImageEncoder(ABC):

@@ -1,8 +1,9 @@
-"""In-memory byte-level tokenizers for the tiny backends (no hub access).
+"""In-memory byte-level tokenizers for models built from configs (no hub access).
 
-They are the same tokenizer classes the real checkpoints use (CLIP BPE, a fast Llama-style
-tokenizer), with a 256-symbol byte vocabulary and no merges, so every code path that
-tokenizes, pads and decodes is exercised offline.
+They are the tokenizer classes the real checkpoints use (CLIP BPE, a fast Llama-style
+tokenizer) with a byte vocabulary and no merges, so every code path that tokenizes, pads and
+decodes runs offline. `byte_level_tokenizer` places given tokens at given ids, so a
+random-weight twin of a published model keeps its real special-token and image-token ids.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 BYTE_SYMBOLS = sorted(pre_tokenizers.ByteLevel.alphabet())
-
-# Janus-style special tokens, in the order they get ids after the 256 byte symbols.
-JANUS_BOS, JANUS_EOS, JANUS_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-JANUS_BOI, JANUS_EOI, JANUS_IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
 
 
 def tiny_clip_tokenizer(max_length: int = 32) -> CLIPTokenizer:
@@ -25,21 +22,25 @@ def tiny_clip_tokenizer(max_length: int = 32) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_janus_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer with Janus' special tokens; adds BOS like the real one."""
-    specials = [JANUS_BOS, JANUS_EOS, JANUS_PAD, JANUS_BOI, JANUS_EOI, JANUS_IMAGE]
-    vocab = {symbol: i for i, symbol in enumerate(BYTE_SYMBOLS + specials)}
+def byte_level_tokenizer(tokens: dict[str, int], bos: str, eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """Byte symbols at the lowest ids not taken by `tokens`; adds BOS like Llama tokenizers.
+
+    Every name in `tokens` becomes one unsplittable token with its given id."""
+    taken = set(tokens.values())
+    free = (i for i in range(len(BYTE_SYMBOLS) + len(taken)) if i not in taken)
+    vocab = {symbol: next(free) for symbol in BYTE_SYMBOLS} | tokens
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{JANUS_BOS} $A", special_tokens=[(JANUS_BOS, vocab[JANUS_BOS])]
+        single=f"{bos} $A", special_tokens=[(bos, tokens[bos])]
     )
+    specials = [name for name in tokens if name not in (bos, eos, pad)]
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=JANUS_BOS,
-        eos_token=JANUS_EOS,
-        pad_token=JANUS_PAD,
-        additional_special_tokens=[JANUS_BOI, JANUS_EOI, JANUS_IMAGE],
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=specials,
         padding_side="left",
     )

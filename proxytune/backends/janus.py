@@ -1,175 +1,156 @@
 """Janus / Janus-Pro students (transformers `JanusForConditionalGeneration`).
 
-Token layout (AR-MODELS.md): "<|User|>: {prompt}\\n\\n<|Assistant|>:" then
-`<begin_of_image>`, then the VQ codes of the image, produced by `generation_head` on the
-language model's hidden states and fed back through `generation_embeddings` + `aligner`.
-The unconditional prompt (CFG) keeps BOS and `<begin_of_image>` and pads everything else,
-exactly as transformers' image-mode `generate` builds it.
+Token layout (AR-MODELS.md): BOS, "<|User|>: {prompt}\\n\\n<|Assistant|>:", `<begin_of_image>`,
+then the 576 VQ codes of a 384 px image (24 x 24), predicted by `generation_head` on the
+language model's hidden states and fed back through `generation_embeddings` + aligner. The
+unconditional prompt (CFG) keeps BOS and `<begin_of_image>` and puts the `<｜▁pad▁｜>` token
+everywhere between, as DeepSeek's reference does (those pads are attended to).
+
+Where the reference differs from transformers' defaults, the reference wins:
+- sampling: all 16384 codes at temperature 1 with CFG 5 (`generate` would add top-k 50);
+- VQ encoding: nearest code after L2-normalising latents and codebook (the tokenizer's
+  `codebook_l2_norm`), in fp32; transformers' quantizer takes the raw argmin;
+- the LM head is its own weight: `tie_word_embeddings` is forced off (JanusConfig defaults
+  it on, and a re-tie would overwrite the released head).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from transformers import GenerationConfig
 
-from proxytune.backends._base import ModelSource, StudentBackend, seeded, training_dtype
-from proxytune.backends._tokenizers import JANUS_BOI, JANUS_IMAGE, tiny_janus_tokenizer
-from proxytune.images import to_pil
+from proxytune.backends._ar import (
+    ARStudent,
+    ImageBlock,
+    load_pretrained,
+    nearest_codes,
+    published_config,
+    random_config_name,
+)
+from proxytune.backends._base import ModelSource, seeded
+from proxytune.backends._tokenizers import byte_level_tokenizer
 from proxytune.registry import STUDENTS
+from proxytune.sampling import Sampling
 
 PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
+BEGIN_OF_IMAGE = "<begin_of_image>"
+CFG_PAD = "<｜▁pad▁｜>"
 
 
-def _tiny_janus():
-    """A real Janus model with small configs and random weights: 32 px, 4x4 codes, 64-code VQ."""
-    from transformers import (
-        GenerationConfig,
-        JanusConfig,
-        JanusForConditionalGeneration,
-        JanusVisionConfig,
-        JanusVQVAEConfig,
-        LlamaConfig,
-    )
+def random_janus(name: str, layers: int | None = None, device: str | torch.device = "cpu", dtype=None):
+    """The published architecture `name` (configs/<name>.json) with random weights, its
+    generation config and a byte-level tokenizer with the real special-token ids.
 
-    tokenizer = tiny_janus_tokenizer()
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = JanusVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-        num_image_tokens=16,
-    )
-    vq = JanusVQVAEConfig(
-        embed_dim=8,
-        num_embeddings=64,
-        latent_channels=32,
-        base_channels=32,
-        channel_multiplier=[1, 1, 2, 2],
-        num_res_blocks=1,
-        projection_dim=32,
-        image_token_embed_dim=32,
-        num_hidden_layers=1,
-    )
-    config = JanusConfig(
-        text_config=text,
-        vision_config=vision,
-        vq_config=vq,
-        image_token_id=tokenizer.convert_tokens_to_ids(JANUS_IMAGE),
-    )
-    with seeded(0):
-        model = JanusForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(JANUS_BOI)},
-    )
-    return model, tokenizer
+    `layers` cuts the language model's and the vision encoder's depth (real-shape twins)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    spec = published_config(name)
+    config = JanusConfig(**spec["config"])
+    config.tie_word_embeddings = False
+    if layers is not None:
+        config.text_config.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = layers
+    with seeded(0), torch.device(device):
+        model = JanusForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    model.generation_config = GenerationConfig(**spec["generation_config"])
+    return model, byte_level_tokenizer(**spec["tokenizer"])
 
 
-class JanusStudent(StudentBackend):
-    lora_target_modules = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj)"
+def check_special_tokens(tokenizer, generation: GenerationConfig, where: str) -> dict[str, int]:
+    """BOS, CFG pad and `<begin_of_image>` as the tokenizer has them, after checking that the
+    checkpoint's generation config uses the same ids; a clear error names any mismatch."""
+    vocab = tokenizer.get_vocab()
+    ours = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": vocab.get(CFG_PAD),
+        "boi_token_id": vocab.get(BEGIN_OF_IMAGE),
+    }
+    theirs = {
+        "bos_token_id": generation.bos_token_id,
+        "pad_token_id": generation.pad_token_id,
+        "boi_token_id": (getattr(generation, "generation_kwargs", None) or {}).get("boi_token_id"),
+    }
+    wrong = [
+        f"{k}: tokenizer {ours[k]} vs generation_config {theirs[k]}" for k in ours if ours[k] != theirs[k]
+    ]
+    if wrong or None in ours.values():
+        raise ValueError(
+            f"{where}: tokenizer and generation config disagree on special tokens: {'; '.join(wrong)}"
+        )
+    return ours
 
-    def __init__(self, name: str, source: ModelSource):
-        self.name, self.source = name, source
 
-    def load(self, device: torch.device, source: ModelSource | None = None) -> None:
+class JanusStudent(ARStudent):
+    sampling = Sampling(guidance_scale=5.0, temperature=1.0, top_k=0, top_p=1.0)
+    lora_target_modules = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    encoding = "janus-vq-l2norm-argmin-fp32"
+
+    def _load(self, source: ModelSource, dtype: torch.dtype) -> None:
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-        source = source or self.source
-        if source.is_tiny:
-            model, tokenizer = _tiny_janus()
+        config_name = random_config_name(source)
+        if config_name:
+            model, tokenizer = random_janus(config_name, dtype=dtype)
+            self.revision = None
         else:
-            path = source.local_or_hub()
-            model = JanusForConditionalGeneration.from_pretrained(
-                path, revision=source.revision, torch_dtype=training_dtype(device)
-            )
-            tokenizer = AutoTokenizer.from_pretrained(path, revision=source.revision)
-        tokenizer.padding_side = "left"
-        model.requires_grad_(False)
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.device = device
-        self.boi_id = tokenizer.convert_tokens_to_ids(JANUS_BOI)
-        self.resolution = model.config.vision_config.image_size
+            model, self.revision = load_pretrained(JanusForConditionalGeneration, source, dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source.local_or_hub(), revision=source.revision)
+            model.config.tie_word_embeddings = False
+        ids = check_special_tokens(tokenizer, model.generation_config, source.id)
+        self.bos_id, self.cfg_pad_id, self.boi_id = (
+            ids["bos_token_id"],
+            ids["pad_token_id"],
+            ids["boi_token_id"],
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.cfg_pad_id
+        self.model, self.tokenizer = model, tokenizer
+        vision, vq = model.config.vision_config, model.config.vq_config
+        side = vision.image_size // vision.patch_size
+        self.resolution = vision.image_size
+        self.block = ImageBlock(side, side)
+        self.code_ids = torch.arange(vq.num_embeddings)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+    def prompt_ids(self, prompt: str, unconditional: bool) -> list[int]:
+        ids = self.tokenizer(PROMPT_FORMAT.format(prompt=prompt) + BEGIN_OF_IMAGE).input_ids
+        if ids[0] != self.bos_id or ids[-1] != self.boi_id:
+            raise ValueError(f"{self.name}: the tokenizer must add BOS and keep {BEGIN_OF_IMAGE} whole")
+        return [ids[0], *[self.cfg_pad_id] * (len(ids) - 2), ids[-1]] if unconditional else ids
+
+    def embed_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def embed_block(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.prepare_embeddings_for_image_generation(ids)
+
+    def transformer(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.generation_head(hidden)
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.block_logits(hidden)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vq = self.model.model.vqmodel
-        tokens = vq.encode(pixels.to(self.device, vq.dtype)).image_tokens
-        return tokens.view(pixels.shape[0], -1).long()
-
-    def tokenize(self, prompts: Sequence[str], unconditional: Sequence[bool]) -> dict[str, torch.Tensor]:
-        texts = [PROMPT_FORMAT.format(prompt=p) + JANUS_BOI for p in prompts]
-        batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids, mask = batch.input_ids, batch.attention_mask
-        keep = (ids == self.tokenizer.bos_token_id) | (ids == self.boi_id) | (mask == 0)
-        drop = torch.tensor(list(unconditional), dtype=torch.bool)[:, None] & ~keep
-        ids = ids.masked_fill(drop, self.tokenizer.pad_token_id)
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-
-    def nll(self, inputs: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        codes = codes.to(self.device)
-        text = model.get_input_embeddings()(ids)
-        image = model.prepare_embeddings_for_image_generation(codes[:, :-1]).to(text.dtype)
-        full_mask = torch.cat([mask, mask.new_ones(codes.shape[0], codes.shape[1] - 1)], dim=1)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        with self._autocast():
-            hidden = model.model.language_model(
-                inputs_embeds=torch.cat([text, image], dim=1),
-                attention_mask=full_mask,
-                position_ids=positions,
-            ).last_hidden_state
-            logits = model.model.generation_head(hidden[:, ids.shape[1] - 1 :])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        with self.autocast():
+            latents = vq.quant_conv(vq.encoder(pixels.to(self.device, vq.dtype)))
+        return nearest_codes(latents, vq.quantize.embedding.weight, l2_normalized=True)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], guidance_scale: float, seed: int) -> list[Image.Image]:
-        inputs = self.tokenize(prompts, [False] * len(prompts))
-        torch.manual_seed(seed)
-        with self._autocast():
-            codes = self.model.generate(
-                **inputs, generation_mode="image", do_sample=True, guidance_scale=guidance_scale
-            )
-            pixels = self.model.decode_image_tokens(codes)
-        return to_pil(pixels, channels_last=True)
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.model.vqmodel.decode(codes)
 
 
 STUDENTS.register(
     "tiny-janus",
-    lambda: JanusStudent("tiny-janus", ModelSource("tiny:janus")),
+    lambda: JanusStudent("tiny-janus", ModelSource("random:tiny-janus")),
     "random-weight Janus (32 px, 16 tokens) for tests and the CPU demo",
 )
-STUDENTS.register(
-    "janus-pro-1b",
-    lambda: JanusStudent("janus-pro-1b", ModelSource("deepseek-community/Janus-Pro-1B")),
-    "Janus-Pro 1B (384 px, 576 tokens)",
-)
-STUDENTS.register(
-    "janus-pro-7b",
-    lambda: JanusStudent("janus-pro-7b", ModelSource("deepseek-community/Janus-Pro-7B")),
-    "Janus-Pro 7B (384 px, 576 tokens)",
-)
+for _size in ("1b", "7b"):
+    STUDENTS.register(
+        f"janus-pro-{_size}",
+        lambda name=f"janus-pro-{_size}": JanusStudent(name, ModelSource(published_config(name)["hub_id"])),
+        f"Janus-Pro {_size.upper()} (384 px, 576 tokens; CFG 5, all codes, temperature 1)",
+    )
