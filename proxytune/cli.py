@@ -1,4 +1,4 @@
-"""Command line: `proxytune run --local`, `proxytune compile`, `proxytune backends`."""
+"""Command line: `proxytune run --local`, `generate`, `compile`, `backends`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
 
@@ -62,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
 
     backends = commands.add_parser("backends", help="list the model backends by kind")
     backends.set_defaults(handler=_backends)
+
+    generate = commands.add_parser("generate", help="sample images from a tuned student")
+    generate.add_argument(
+        "--student",
+        required=True,
+        metavar="DIR|models:/NAME@ALIAS",
+        help="adapter folder or registered model",
+    )
+    generate.add_argument("--prompt", required=True, help='e.g. "a sks dog in the snow"')
+    generate.add_argument("-n", dest="count", type=int, default=4, help="number of images (default: 4)")
+    generate.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default: 0)")
+    generate.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    generate.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    for flag, kind in (("guidance-scale", float), ("temperature", float), ("top-k", int), ("top-p", float)):
+        generate.add_argument(f"--{flag}", type=kind, help="default: the backend's reference value")
+    generate.set_defaults(handler=_generate)
     return parser
 
 
@@ -116,6 +132,32 @@ def _print_summary(summary: dict) -> None:
         console.print(f"MLflow UI:  mlflow ui --backend-store-uri {uri}")
     else:
         console.print(f"MLflow:     {uri} (run {summary['mlflow']['parent_run_id']})")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from proxytune.generate import check_request, generate_images, resolve_student
+
+    sampling = {
+        "guidance_scale": args.guidance_scale,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    check_request(args.prompt, args.count, args.out, **sampling)
+    with tempfile.TemporaryDirectory(prefix="proxytune-model-") as cache:
+        adapter = resolve_student(args.student, cache)
+        record = generate_images(
+            adapter, args.prompt, args.out, args.count, args.seed, args.batch_size, **sampling
+        )
+    out = Path(args.out).resolve()
+    console.print(
+        f"{len(record['files'])} image(s) of [bold]{record['prompt']}[/bold] by {record['backend']}"
+    )
+    console.print(f"grid:   {out / 'grid.png'}")
+    console.print(f"record: {out / 'generation.json'}")
+    return 0
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxytune.prompts import INSTANCE_TEMPLATE
 from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
-from proxytune.sampling import Sampling
+from proxytune.sampling import check_overrides
 
 
 class _Params(BaseModel):
@@ -97,25 +97,18 @@ class EvalParams(_Params):
     dino_encoder: str = "tiny-dino"
     num_prompts: int = Field(2, gt=0, le=25)
     images_per_prompt: int = Field(2, gt=0)
-    student_guidance_scale: float | None = Field(None, ge=1.0, description="default: the backend's")
-    student_temperature: float | None = Field(None, gt=0.0, description="default: the backend's")
-    student_top_k: int | None = Field(None, ge=0, description="0 = all codes; default: the backend's")
-    student_top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the backend's")
+    student_sampling: dict[str, int | float] = Field(
+        {},
+        description="guidance_scale, temperature, top_k (0 = all codes), top_p for the student; "
+        "each one not set keeps the backend's reference value",
+    )
     supervisor_guidance_scale: float = Field(5.0, ge=1.0)
     supervisor_inference_steps: int = Field(10, gt=0)
     batch_size: int = Field(8, gt=0)
     seed: int = 0
 
     _check_encoders = field_validator("clip_encoder", "dino_encoder")(lambda v: ENCODERS.check(v))
-
-    def student_sampling(self, defaults: Sampling) -> Sampling:
-        """The student backend's reference sampling with the values set here on top."""
-        return defaults.override(
-            guidance_scale=self.student_guidance_scale,
-            temperature=self.student_temperature,
-            top_k=self.student_top_k,
-            top_p=self.student_top_p,
-        )
+    _check_sampling = field_validator("student_sampling")(lambda v: check_overrides(v))
 
 
 class RunParams(_Params):

@@ -162,7 +162,7 @@ def evaluate(
 
 def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:
     backend, card = load_student(adapter_dir, device)
-    sampling = params.student_sampling(backend.sampling)
+    sampling = backend.sampling.override(**params.student_sampling)
     log.info("student sampling: %s", sampling)
 
     def generate(batch: list[str], start: int) -> list[Image.Image]:

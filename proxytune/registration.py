@@ -18,6 +18,7 @@ from proxytune.tracking import KFP_RUN_TAG, Tracker, TrackingContext
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
+ADAPTER_ARTIFACT = "adapter"  # the pyfunc model's artifact that holds the student adapter
 GATED_METRICS = ("dino", "clip_i")
 
 
@@ -75,7 +76,7 @@ def register(
         logged = mlflow.pyfunc.log_model(
             name="student",
             python_model=serving.__file__,
-            artifacts={"adapter": str(student_dir)},
+            artifacts={ADAPTER_ARTIFACT: str(student_dir)},
             pip_requirements=[f"proxytune=={__version__}"],
             metadata={"subject": evaluation["subject"], "identifier": evaluation["identifier"]},
         )

@@ -34,13 +34,22 @@ class Sampling(BaseModel):
 
     def override(self, **values: float | int | None) -> Sampling:
         """These parameters with every non-None value in `values` replacing the default."""
-        return Sampling.model_validate(
-            {**self.model_dump(), **{k: v for k, v in values.items() if v is not None}}
-        )
+        return Sampling.model_validate({**self.model_dump(), **set_values(values)})
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+
+def set_values(values: dict[str, float | int | None]) -> dict[str, float | int]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def check_overrides(values: dict[str, float | int | None]) -> dict[str, float | int]:
+    """The set values of `values`, after checking they are sampling parameters in range, so a
+    bad override fails before any model is loaded (every backend's defaults are in range)."""
+    Sampling(guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0).override(**values)
+    return set_values(values)
 
 
 def code_distribution(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling) -> torch.Tensor:

@@ -17,9 +17,10 @@ from mlflow.pyfunc import PythonModel
 
 class StudentModel(PythonModel):
     def load_context(self, context) -> None:
+        from proxytune.registration import ADAPTER_ARTIFACT
         from proxytune.student import load_student
 
-        self.backend, self.card = load_student(context.artifacts["adapter"])
+        self.backend, self.card = load_student(context.artifacts[ADAPTER_ARTIFACT])
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from proxytune.images import png_bytes

@@ -199,5 +199,9 @@ def load_student(
     card = read_adapter_card(adapter_dir, "student")
     backend: ARStudent = STUDENTS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
-    backend.model = PeftModel.from_pretrained(backend.model, str(adapter_dir)).merge_and_unload().eval()
+    try:
+        tuned = PeftModel.from_pretrained(backend.model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(f"{adapter_dir}: the adapter does not fit {card.backend}: {error}") from None
+    backend.model = tuned.merge_and_unload().eval()
     return backend, card

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import proxytune.backends._ar as ar
 from proxytune.backends._ar import ARStudent
 from proxytune.backends._base import ModelSource
-from proxytune.backends.janus import random_janus
 from proxytune.config import EvalParams
 from proxytune.contracts import SubjectRef, read_adapter_card
 from proxytune.proxy import load_proxy
@@ -192,7 +191,9 @@ def test_fast_sampling_equals_the_reference_loop_and_ignores_batch_neighbours(ja
 
 def test_guidance_one_samples_the_conditional_model_only(student_dir):
     student, _ = load_student(student_dir, CPU)
-    sampling = EvalParams(student_guidance_scale=1.0).student_sampling(student.sampling)
+    sampling = student.sampling.override(
+        **EvalParams(student_sampling={"guidance_scale": 1.0}).student_sampling
+    )
     images = student.generate(["a sks dog", "a sks dog"], [1, 2], sampling)
     assert [im.size for im in images] == [(32, 32)] * 2
     codes = student.sample_codes(["a sks dog"], [1], sampling)
@@ -227,10 +228,8 @@ def hub_cache(root, repo: str, commit: str, folder):
     (base / "refs" / "main").write_text(commit)
 
 
-def test_hub_checkpoints_load_offline_and_record_their_commit(tmp_path, monkeypatch):
-    model, tokenizer = random_janus("tiny-janus")
-    model.save_pretrained(tmp_path / "saved")
-    tokenizer.save_pretrained(tmp_path / "saved")
+def test_hub_checkpoints_load_offline_and_record_their_commit(janus, tmp_path, monkeypatch):
+    janus.save(tmp_path / "saved")
     commit = "0123456789abcdef0123456789abcdef01234567"
     hub_cache(tmp_path / "hub", "someone/tiny-janus", commit, tmp_path / "saved")
     from huggingface_hub import constants
@@ -239,16 +238,16 @@ def test_hub_checkpoints_load_offline_and_record_their_commit(tmp_path, monkeypa
     backend = STUDENTS.create("tiny-janus")
     backend.load(CPU, ModelSource("someone/tiny-janus"))
     assert backend.loaded_source == ModelSource("someone/tiny-janus", commit)
-    for (name, a), (_, b) in zip(model.state_dict().items(), backend.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        janus.model.state_dict().items(), backend.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
-def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+def test_a_checkpoint_missing_weights_is_refused(janus, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model, tokenizer = random_janus("tiny-janus")
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    janus.save(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     del weights["model.generation_head.vision_head.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -256,10 +255,8 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path):
         STUDENTS.create("tiny-janus").load(CPU, ModelSource(str(tmp_path)))
 
 
-def test_special_tokens_that_disagree_with_the_generation_config_are_refused(tmp_path):
-    model, tokenizer = random_janus("tiny-janus")
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+def test_special_tokens_that_disagree_with_the_generation_config_are_refused(janus, tmp_path):
+    janus.save(tmp_path)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     generation["generation_kwargs"]["boi_token_id"] = 260
     (tmp_path / "generation_config.json").write_text(json.dumps(generation))

@@ -120,6 +120,7 @@ class ARStudent(ABC):
     sampling: Sampling  # the reference model's sampling defaults
     lora_target_modules: str  # a regex over module names
     encoding: str  # names the image -> code mapping; part of the token-cache key
+    codebook_l2_norm: bool  # the reference tokenizer matches L2-normalised latents and codes
     z_loss: float = 0.0  # weight of mean(logsumexp^2) in the loss, where the reference uses it
 
     model: torch.nn.Module
@@ -137,9 +138,17 @@ class ARStudent(ABC):
     # -- family hooks -------------------------------------------------------------------
 
     @abstractmethod
-    def _load(self, source: ModelSource, dtype: torch.dtype) -> None:
+    def _load(
+        self, source: ModelSource, dtype: torch.dtype, layers: int | None, device: torch.device
+    ) -> None:
         """Set `model`, `tokenizer`, `resolution`, `block`, `code_ids`, `pad_id`, `revision`;
-        check the special tokens against the checkpoint's own configuration."""
+        check the special tokens against the checkpoint's own configuration. `random:<config>`
+        sources build the published architecture with random weights directly on `device`
+        (`layers` cuts its depth)."""
+
+    @abstractmethod
+    def save(self, folder: str | Path) -> None:
+        """Write the loaded model in its hub folder layout, which `load` reads back."""
 
     @abstractmethod
     def prompt_ids(self, prompt: str, unconditional: bool) -> list[int]:
@@ -164,8 +173,12 @@ class ARStudent(ABC):
         return self.block_logits(hidden)[..., self.code_ids]
 
     @abstractmethod
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (N, 3, R, R) -> codes (N, T), int64."""
+    def vq_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, R, R) -> latents before quantisation (N, D, h, w)."""
+
+    @abstractmethod
+    def codebook(self) -> torch.Tensor:
+        """The VQ codebook (C, D)."""
 
     @abstractmethod
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -173,9 +186,11 @@ class ARStudent(ABC):
 
     # -- shared -------------------------------------------------------------------------
 
-    def load(self, device: torch.device, source: ModelSource | None = None) -> None:
+    def load(
+        self, device: torch.device, source: ModelSource | None = None, layers: int | None = None
+    ) -> None:
         source = source or self.source
-        self._load(source, training_dtype(device))
+        self._load(source, training_dtype(device), layers, device)
         self.model.requires_grad_(False)
         self.model = self.model.to(device).eval()
         self.device = device
@@ -326,6 +341,13 @@ class ARStudent(ABC):
         """One image per (prompt, seed), sampled and decoded in batches of `batch_size`."""
         codes = self.sample_codes(prompts, seeds, sampling, batch_size)
         return [image for chunk in _chunks(codes, batch_size) for image in self.decode_images(chunk)]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, R, R) -> codes (N, T): the nearest code, matched in fp32."""
+        with self.autocast():
+            latents = self.vq_latents(pixels.to(self.device))
+        return nearest_codes(latents, self.codebook(), self.codebook_l2_norm)
 
     @torch.no_grad()
     def decode_images(self, codes: torch.Tensor) -> list[Image.Image]:

@@ -16,6 +16,8 @@ Where the reference differs from transformers' defaults, the reference wins:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import GenerationConfig
 
@@ -23,7 +25,6 @@ from proxytune.backends._ar import (
     ARStudent,
     ImageBlock,
     load_pretrained,
-    nearest_codes,
     published_config,
     random_config_name,
 )
@@ -37,7 +38,12 @@ BEGIN_OF_IMAGE = "<begin_of_image>"
 CFG_PAD = "<｜▁pad▁｜>"
 
 
-def random_janus(name: str, layers: int | None = None, device: str | torch.device = "cpu", dtype=None):
+def random_janus(
+    name: str,
+    layers: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     """The published architecture `name` (configs/<name>.json) with random weights, its
     generation config and a byte-level tokenizer with the real special-token ids.
 
@@ -51,7 +57,7 @@ def random_janus(name: str, layers: int | None = None, device: str | torch.devic
         config.text_config.num_hidden_layers = layers
         config.vision_config.num_hidden_layers = layers
     with seeded(0), torch.device(device):
-        model = JanusForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+        model = JanusForConditionalGeneration._from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(**spec["generation_config"])
     return model, byte_level_tokenizer(**spec["tokenizer"])
 
@@ -84,13 +90,16 @@ class JanusStudent(ARStudent):
     sampling = Sampling(guidance_scale=5.0, temperature=1.0, top_k=0, top_p=1.0)
     lora_target_modules = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     encoding = "janus-vq-l2norm-argmin-fp32"
+    codebook_l2_norm = True
 
-    def _load(self, source: ModelSource, dtype: torch.dtype) -> None:
+    def _load(
+        self, source: ModelSource, dtype: torch.dtype, layers: int | None, device: torch.device
+    ) -> None:
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         config_name = random_config_name(source)
         if config_name:
-            model, tokenizer = random_janus(config_name, dtype=dtype)
+            model, tokenizer = random_janus(config_name, layers, device, dtype)
             self.revision = None
         else:
             model, self.revision = load_pretrained(JanusForConditionalGeneration, source, dtype)
@@ -109,6 +118,10 @@ class JanusStudent(ARStudent):
         self.resolution = vision.image_size
         self.block = ImageBlock(side, side)
         self.code_ids = torch.arange(vq.num_embeddings)
+
+    def save(self, folder: str | Path) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def prompt_ids(self, prompt: str, unconditional: bool) -> list[int]:
         ids = self.tokenizer(PROMPT_FORMAT.format(prompt=prompt) + BEGIN_OF_IMAGE).input_ids
@@ -131,12 +144,12 @@ class JanusStudent(ARStudent):
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.block_logits(hidden)
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vq_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         vq = self.model.model.vqmodel
-        with self.autocast():
-            latents = vq.quant_conv(vq.encoder(pixels.to(self.device, vq.dtype)))
-        return nearest_codes(latents, vq.quantize.embedding.weight, l2_normalized=True)
+        return vq.quant_conv(vq.encoder(pixels.to(vq.dtype)))
+
+    def codebook(self) -> torch.Tensor:
+        return self.model.model.vqmodel.quantize.embedding.weight
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Real-shape twins of the real student backends.
+
+Each twin is the backend's published configuration (kept as data in
+`proxytune/backends/configs/`) with the depth cut to one layer and random weights, run on
+the CPU at the real resolution and token count, saved in the hub's folder layout and loaded
+back through the backend's real loading path. Tiny models hide what only real shapes show
+(a 16384- or 8192-code VQ, 576 or 2304 codes with row tokens, the real special-token ids).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import proxytune.backends._ar as ar
+from proxytune.backends._ar import nearest_codes, published_config
+from proxytune.backends._base import ModelSource
+from proxytune.config import RunParams
+from proxytune.images import to_tensor
+from proxytune.registry import STUDENTS
+from tests.conftest import CPU, EXAMPLE
+
+# name: (resolution, codes per image, codebook size, hub files the folder must hold)
+TWINS = {
+    "janus-pro-1b": (384, 576, 16384, {"config.json", "generation_config.json", "model.safetensors"}),
+    "janus-pro-7b": (384, 576, 16384, {"config.json", "generation_config.json", "model.safetensors"}),
+}
+PAPER_RANK = RunParams.resolve("paper").student.rank
+
+
+@pytest.fixture(scope="module", params=sorted(TWINS))
+def twin(request, tmp_path_factory):
+    """(name, backend loaded back from the saved hub folder, the folder)."""
+    name = request.param
+    built = STUDENTS.create(name)
+    built.load(CPU, ModelSource(f"random:{name}"), layers=1)
+    folder = tmp_path_factory.mktemp(name)
+    built.save(folder)
+    del built
+    backend = STUDENTS.create(name)
+    backend.load(CPU, ModelSource(str(folder)))
+    return name, backend, folder
+
+
+def lora_modules(model, pattern: str) -> list[str]:
+    import re
+
+    return [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)
+    ]
+
+
+def test_the_twin_is_the_published_architecture_in_the_hub_layout(twin):
+    name, backend, folder = twin
+    resolution, codes, codebook, files = TWINS[name]
+    assert files <= {p.name for p in folder.iterdir()}
+    assert (backend.resolution, backend.block.num_codes, backend.code_ids.numel()) == (
+        resolution,
+        codes,
+        codebook,
+    )
+    assert backend.loaded_source == ModelSource(str(folder), None)
+
+
+def test_lora_targets_and_the_paper_rank_trainable_parameters(twin):
+    """Counts on the one-layer twin, then on the full-depth architecture built on the meta
+    device, against the arithmetic from the published sizes (attention q/k/v/o)."""
+    from peft import LoraConfig, get_peft_model
+
+    name, backend, _ = twin
+    pattern = backend.lora_target_modules
+    assert len(lora_modules(backend.model, pattern)) == 4
+    full = STUDENTS.create(name)
+    full.load(torch.device("meta"), ModelSource(f"random:{name}"))
+    text = published_config(name)["config"]
+    text = text.get("text_config", text)
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    assert len(lora_modules(full.model, pattern)) == 4 * layers
+    peft_model = get_peft_model(full.model, LoraConfig(r=PAPER_RANK, target_modules=pattern))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    print(f"{name}: {trainable:,} trainable LoRA parameters at rank {PAPER_RANK}")
+    assert trainable == layers * 4 * PAPER_RANK * (hidden + hidden)
+
+
+def test_one_lora_training_step_lowers_the_loss_on_a_full_length_image(twin):
+    from peft import LoraConfig, get_peft_model
+
+    _, backend, _ = twin
+    peft_model = get_peft_model(backend.model, LoraConfig(r=4, target_modules=backend.lora_target_modules))
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    codes = torch.randint(0, backend.code_ids.numel(), (1, backend.block.num_codes))
+    inputs = backend.tokenize(["a sks dog on the beach"], [False])
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    before = backend.nll(inputs, codes)
+    before.backward()
+    assert all(torch.isfinite(p.grad).all() for p in lora)
+    assert any(p.grad.abs().sum() > 0 for p in lora)
+    optimizer.step()
+    with torch.no_grad():
+        assert backend.nll(inputs, codes).item() < before.item()
+    backend.model = peft_model.unload()
+
+
+def test_full_length_sampling_draws_from_the_reference_distribution_and_decodes(twin, monkeypatch):
+    name, backend, _ = twin
+    resolution, codes_per_image, codebook, _ = TWINS[name]
+    support = []
+    original = ar.code_distribution
+
+    def spy(cond, uncond, sampling):
+        probs = original(cond, uncond, sampling)
+        support.append((probs > 0).sum(-1))
+        return probs
+
+    monkeypatch.setattr(ar, "code_distribution", spy)
+    codes = backend.sample_codes(["a sks dog on the beach"], [0])
+    assert codes.shape == (1, codes_per_image) and codes.min() >= 0 and codes.max() < codebook
+    expected = backend.sampling.top_k or codebook
+    assert len(support) == codes_per_image and all((s == expected).all() for s in support)
+    (image,) = backend.decode_images(codes)
+    assert image.size == (resolution, resolution)
+
+
+def reference_codes(latents: torch.Tensor, codebook: torch.Tensor, l2_norm: bool) -> torch.Tensor:
+    """The reference tokenizers' rule, in float64: squared L2 distance to every code (after
+    L2-normalising both sides where the tokenizer has `codebook_l2_norm`), argmin."""
+    z = latents.double().permute(0, 2, 3, 1).flatten(1, 2)
+    e = codebook.double()
+    if l2_norm:
+        z, e = z / z.norm(dim=-1, keepdim=True), e / e.norm(dim=-1, keepdim=True)
+    return torch.cdist(z, e.expand(z.shape[0], -1, -1)).argmin(-1)
+
+
+def test_vq_codes_follow_the_reference_tokenizer_in_fp32(twin):
+    """Janus' tokenizer matches unit-normalised latents and codes (transformers' quantizer does
+    not); every tokenizer's match is computed in fp32, since bf16 distances flip near-ties."""
+    from PIL import Image
+
+    name, backend, _ = twin
+    resolution = TWINS[name][0]
+    pixels = to_tensor([Image.open(EXAMPLE / "00.jpg")], resolution)
+    with torch.no_grad():
+        latents = backend.vq_latents(pixels)
+    codebook = backend.codebook()
+    expected = reference_codes(latents, codebook, backend.codebook_l2_norm)
+    assert torch.equal(backend.encode_images(pixels), expected)
+    if backend.codebook_l2_norm:
+        raw = reference_codes(latents, codebook, l2_norm=False)
+        assert (raw != expected).float().mean() > 0.5
+    in_bf16 = reference_codes(
+        latents.bfloat16().float(), codebook.bfloat16().float(), backend.codebook_l2_norm
+    )
+    half = nearest_codes(latents.bfloat16(), codebook.bfloat16(), backend.codebook_l2_norm)
+    assert torch.equal(half, in_bf16)
