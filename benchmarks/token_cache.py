@@ -53,7 +53,7 @@ def main() -> None:
         return backend.encode_images(to_tensor(images, backend.resolution))
 
     def cached() -> Callable[[list[int]], torch.Tensor]:
-        codes = token_cache(backend, backend.source, folder, "bench", records, None)
+        codes = token_cache(backend, folder, "bench", records, None)
         return lambda index: codes[index]
 
     def run(codes_for) -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     timings["token cache"] = time.perf_counter() - start
     for name, seconds in timings.items():
         print(f"{name:24s} {seconds:8.3f} s for {args.steps} steps (incl. encoding)")
-    print(f"speed-up from the token cache: {timings['re-encode every step'] / timings['token cache']:.2f}x")
+    print(f"speed-up: {timings['re-encode every step'] / timings['token cache']:.2f}x")
 
 
 if __name__ == "__main__":

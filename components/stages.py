@@ -12,29 +12,44 @@ from components.base import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def ingest(
+def plan(
     subject_uri: str,
     class_noun: str,
     subject_name: str,
     identifier: str,
+    extra_subjects: list,
     preset: str,
     overrides: dict,
     mlflow_tracking_uri: str,
     mlflow_experiment: str,
     kfp_run_id: str,
     kfp_run_name: str,
+) -> list:
+    """Validate the run's parameters and subjects before any GPU step; returns the subjects."""
+    from proxytune.steps import plan_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    return plan_step(
+        subject_uri, class_noun, subject_name, identifier, extra_subjects, preset, overrides, tracking
+    )
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def ingest(
+    planned: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
     subject: Output[Dataset],
 ):
-    """Subject photos (s3://bucket/prefix or a folder) -> subject Dataset; validates the run's parameters."""
+    """One planned subject's photos (s3://bucket/prefix or a folder) -> subject Dataset."""
     from proxytune.steps import ingest_step
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    subject.metadata.update(
-        ingest_step(
-            subject_uri, subject.path, class_noun, subject_name, identifier, preset, overrides, tracking
-        )
-    )
+    subject.metadata.update(ingest_step(planned, subject.path, tracking))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -79,7 +94,7 @@ def generate_proxy(
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def tune_student(
-    proxy: Input[Dataset],
+    proxies: Input[list[Dataset]],
     preset: str,
     overrides: dict,
     mlflow_tracking_uri: str,
@@ -88,18 +103,19 @@ def tune_student(
     kfp_run_name: str,
     student: Output[Model],
 ):
-    """LoRA of the AR student on the proxy Dataset only."""
+    """LoRA of the AR student on the proxy Datasets only (one per subject: a joint student)."""
     from proxytune.steps import tune_student_step
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    student.metadata.update(tune_student_step(proxy.path, student.path, preset, overrides, tracking))
+    paths = [proxy.path for proxy in proxies]
+    student.metadata.update(tune_student_step(paths, student.path, preset, overrides, tracking))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
-    subject: Input[Dataset],
-    supervisor: Input[Model],
+    subjects: Input[list[Dataset]],
+    supervisors: Input[list[Model]],
     student: Input[Model],
     preset: str,
     overrides: dict,
@@ -111,13 +127,21 @@ def evaluate(
     report: Output[HTML],
     samples: Output[Dataset],
 ):
-    """CLIP-I / CLIP-T / DINO of student and supervisor on DreamBench prompts, with an HTML report."""
+    """CLIP-I / CLIP-T / DINO of the student and each subject's supervisor on DreamBench prompts,
+    with an HTML report."""
     from proxytune.steps import evaluate_step
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     scores = evaluate_step(
-        subject.path, supervisor.path, student.path, samples.path, report.path, preset, overrides, tracking
+        [s.path for s in subjects],
+        [s.path for s in supervisors],
+        student.path,
+        samples.path,
+        report.path,
+        preset,
+        overrides,
+        tracking,
     )
     for name, value in scores.items():
         metrics.log_metric(name, value)

@@ -1,5 +1,11 @@
-"""The Proxy-Tuning pipeline: ingest -> tune_supervisor -> generate_proxy -> tune_student
--> evaluate -> register.
+"""The Proxy-Tuning pipeline: plan -> per subject (ingest -> tune_supervisor -> generate_proxy)
+-> tune_student on all proxy datasets -> evaluate -> register.
+
+One subject is the usual run (the Kubeflow UI asks for its URI and class noun);
+`extra_subjects` adds more, each `{"uri", "class_noun", "name"?, "identifier"?}`, for a
+multi-subject student. `plan` validates everything before any GPU step and the per-subject
+stages fan out as a ParallelFor (one pod per subject and stage); the student and the
+evaluation take the collected datasets.
 
 Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
 - GPU steps request one `nvidia.com/gpu`, tolerate the GPU node pool's taint, mount a
@@ -16,7 +22,7 @@ from typing import NamedTuple
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Metrics
 
-from components import evaluate, generate_proxy, ingest, register, tune_student, tune_supervisor
+from components import evaluate, generate_proxy, ingest, plan, register, tune_student, tune_supervisor
 
 PIPELINE_NAME = "proxy-tuning"
 CONFIG_MAP = "proxytune-config"
@@ -60,6 +66,7 @@ def proxy_tuning(
     class_noun: str,
     subject_name: str = "",
     identifier: str = "sks",
+    extra_subjects: list = [],  # noqa: B006 (KFP needs a literal default)
     preset: str = "tiny",
     overrides: dict = {},  # noqa: B006 (KFP needs a literal default)
     mlflow_tracking_uri: str = "",
@@ -73,19 +80,24 @@ def proxy_tuning(
         "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     }
     run = {"preset": preset, "overrides": overrides, **tracking}
-    subject = ingest(
+    subjects = plan(
         subject_uri=subject_uri,
         class_noun=class_noun,
         subject_name=subject_name,
         identifier=identifier,
-        **run,
-    ).set_display_name("ingest")
-    supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
-    proxy = generate_proxy(supervisor=supervisor.outputs["supervisor"], **run)
-    student = tune_student(proxy=proxy.outputs["proxy"], **run)
+        extra_subjects=extra_subjects,
+        preset=preset,
+        overrides=overrides,
+        **tracking,
+    )
+    with dsl.ParallelFor(subjects.output) as planned:
+        subject = ingest(planned=planned, **tracking)
+        supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
+        proxy = generate_proxy(supervisor=supervisor.outputs["supervisor"], **run)
+    student = tune_student(proxies=dsl.Collected(proxy.outputs["proxy"]), **run)
     scores = evaluate(
-        subject=subject.outputs["subject"],
-        supervisor=supervisor.outputs["supervisor"],
+        subjects=dsl.Collected(subject.outputs["subject"]),
+        supervisors=dsl.Collected(supervisor.outputs["supervisor"]),
         student=student.outputs["student"],
         **run,
     )
@@ -95,7 +107,7 @@ def proxy_tuning(
         registered_model_name=registered_model_name,
         **tracking,
     ).set_caching_options(False)
-    for task in (subject, registration):
+    for task in (subjects, subject, registration):
         _platform(task, gpu=False)
     for task in (supervisor, proxy, student, scores):
         _platform(task, gpu=True)

@@ -33,13 +33,30 @@ def _parser() -> argparse.ArgumentParser:
         "--local", action="store_true", required=True, help="run on this machine through kfp.local"
     )
     run.add_argument(
-        "--subject", help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog)"
+        "--subject",
+        action="append",
+        default=[],
+        help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog); "
+        "repeat for a multi-subject student",
     )
     run.add_argument(
-        "--class-noun", help="the subject's class, e.g. dog, backpack (default with the example: dog)"
+        "--class-noun",
+        action="append",
+        default=[],
+        help="the subject's class, e.g. dog, backpack; one per --subject (default with the example: dog)",
     )
-    run.add_argument("--name", default="", help="subject name (default: the folder name)")
-    run.add_argument("--identifier", default="sks", help="rare token bound to the subject (default: sks)")
+    run.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="subject name, one per --subject (default: the folder name)",
+    )
+    run.add_argument(
+        "--identifier",
+        action="append",
+        default=[],
+        help="rare token bound to the subject, one per --subject (default: sks, then ohwx, zwx, ...)",
+    )
     run.add_argument("--preset", default="tiny", help="parameter preset: tiny (CPU, default) or paper (GPU)")
     run.add_argument(
         "--set",
@@ -85,20 +102,13 @@ def _run(args: argparse.Namespace) -> int:
     from proxytune.config import parse_overrides
     from proxytune.local import EXAMPLE_CLASS, EXAMPLE_SUBJECT, run_local
 
-    if args.subject is None:
-        subject, class_noun = str(EXAMPLE_SUBJECT), args.class_noun or EXAMPLE_CLASS
-    elif not args.class_noun:
-        raise ValueError("--class-noun is required with --subject (e.g. --class-noun dog)")
-    else:
-        subject, class_noun = args.subject, args.class_noun
-    console.rule(f"proxytune: {subject} ({class_noun}), preset {args.preset}")
+    subjects = _subjects(args, EXAMPLE_SUBJECT, EXAMPLE_CLASS)
+    described = ", ".join(f"{s['uri']} ({s['class_noun']})" for s in subjects)
+    console.rule(f"proxytune: {described}, preset {args.preset}")
     try:
         summary = run_local(
-            subject,
-            class_noun,
+            subjects,
             args.workdir,
-            subject_name=args.name,
-            identifier=args.identifier,
             preset=args.preset,
             overrides=parse_overrides(args.overrides),
             experiment=args.experiment,
@@ -110,6 +120,24 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     _print_summary(summary)
     return 0
+
+
+def _subjects(args: argparse.Namespace, example: Path, example_class: str) -> list[dict[str, str]]:
+    """One dict per --subject, pairing the repeated flags in order."""
+    uris = args.subject or [str(example)]
+    nouns = args.class_noun or ([example_class] if not args.subject else [])
+    if len(nouns) != len(uris):
+        raise ValueError(
+            f"--class-noun is required with --subject, once per subject (e.g. --class-noun dog); "
+            f"got {len(uris)} subject(s) and {len(nouns)} class noun(s)"
+        )
+    subjects = [{"uri": uri, "class_noun": noun} for uri, noun in zip(uris, nouns, strict=True)]
+    for flag, values in (("name", args.name), ("identifier", args.identifier)):
+        if values and len(values) != len(uris):
+            raise ValueError(f"give --{flag} once per --subject or not at all")
+        for subject, value in zip(subjects, values, strict=False):
+            subject[flag] = value
+    return subjects
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,7 +1,9 @@
 """Evaluation: student and supervisor on DreamBench prompts, CLIP-I / CLIP-T / DINO.
 
-Reference features are computed once and shared by both models; each model is loaded,
-sampled and released in turn so only one generator is in memory at a time.
+Reference features are computed once per subject and shared by both models; each model is
+loaded, sampled and released in turn so only one generator is in memory at a time. A
+multi-subject student is evaluated on every subject it learnt, each beside its own
+supervisor; the run's metrics are the means over subjects.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ from tqdm.auto import tqdm
 
 from proxytune.backends._base import ImageEncoder, default_device
 from proxytune.config import EvalParams
-from proxytune.contracts import EVALUATION_FILE, AdapterCard
+from proxytune.contracts import EVALUATION_FILE, AdapterCard, Subject, read_adapter_card
 from proxytune.fsutil import atomic_directory, atomic_write_json, read_json
 from proxytune.ingest import load_subject
 from proxytune.metrics import PROTOCOL, mean_paired_cosine, mean_pairwise_cosine
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import ENCODERS
 from proxytune.report import write_report
+from proxytune.sampling import Sampling
 from proxytune.student import load_student
 from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 MODELS = ("student", "supervisor")
+METRICS = ("clip_i", "clip_t", "dino")
 Samples = tuple[list[Image.Image], AdapterCard]
 
 
@@ -83,84 +87,163 @@ class Features:
         }
 
 
+@dataclass
+class SubjectRun:
+    """One subject under evaluation: its photos, prompts and supervisor."""
+
+    subject: Subject
+    photos: list[Image.Image]
+    supervisor_dir: Path
+    templates: list[str]
+    prompts: list[str]  # with the identifier, one per image
+    clean: list[str]  # without it, for CLIP-T
+
+    @classmethod
+    def of(cls, subject_dir: str | Path, supervisor_dir: Path, params: EvalParams) -> SubjectRun:
+        subject, photos = load_subject(subject_dir)
+        templates = dreambench_prompts(subject.class_noun, params.num_prompts)
+        repeat = params.images_per_prompt
+        return cls(
+            subject,
+            photos,
+            supervisor_dir,
+            templates,
+            [fill(t, subject.identifier, subject.class_noun) for t in templates for _ in range(repeat)],
+            [fill(t, None, subject.class_noun) for t in templates for _ in range(repeat)],
+        )
+
+
+def pair_supervisors(
+    subject_dirs: Sequence[str | Path], supervisor_dirs: Sequence[str | Path], params: EvalParams
+) -> list[SubjectRun]:
+    """Each subject with the supervisor tuned on it (matched by the name in its card)."""
+    by_subject = {read_adapter_card(d, "supervisor").subjects[0].name: Path(d) for d in supervisor_dirs}
+    runs = []
+    for subject_dir in subject_dirs:
+        name = load_subject(subject_dir)[0].name
+        if name not in by_subject:
+            raise ValueError(
+                f"no supervisor was tuned on subject {name!r} (have: {', '.join(sorted(by_subject))})"
+            )
+        runs.append(SubjectRun.of(subject_dir, by_subject[name], params))
+    return runs
+
+
 def evaluate(
-    subject_dir: str | Path,
-    supervisor_dir: str | Path,
+    subject_dirs: str | Path | Sequence[str | Path],
+    supervisor_dirs: str | Path | Sequence[str | Path],
     student_dir: str | Path,
     out_dir: str | Path,
     params: EvalParams,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
 ) -> dict:
-    """Sample both models on the prompts, score them, write samples, evaluation.json and
-    report.html to `out_dir`; returns the evaluation (metrics under "metrics")."""
+    """Sample the student and each subject's supervisor on the subject's prompts, score them,
+    and write samples, `evaluation.json` and `report.html` to `out_dir`.
+
+    Several subjects (a multi-subject student) are scored one by one; the run's `metrics`
+    are their means. Returns the evaluation."""
     tracker = tracker or Tracker()
     device = device or default_device()
-    subject, photos = load_subject(subject_dir)
-    templates = dreambench_prompts(subject.class_noun, params.num_prompts)
-    prompts = [
-        fill(t, subject.identifier, subject.class_noun)
-        for t in templates
-        for _ in range(params.images_per_prompt)
-    ]
-    clean = [fill(t, None, subject.class_noun) for t in templates for _ in range(params.images_per_prompt)]
+    runs = pair_supervisors(_as_list(subject_dirs), _as_list(supervisor_dirs), params)
     tracker.log_params(params.model_dump())
 
-    samplers: dict[str, Callable[[], Samples]] = {
-        "student": lambda: _sample_student(student_dir, prompts, params, device),
-        "supervisor": lambda: _sample_supervisor(supervisor_dir, prompts, params, device),
-    }
-    samples, cards = {}, {}
-    for model in MODELS:
-        samples[model], cards[model] = samplers[model]()
+    all_prompts = [p for run in runs for p in run.prompts]
+    student_images, student_card, sampling = _sample_student(student_dir, all_prompts, params, device)
+    _release(device)
+    samples, cards = [], []
+    offset = 0
+    for run in runs:
+        supervisor_images, supervisor_card = _sample_supervisor(
+            run.supervisor_dir, run.prompts, params, device
+        )
         _release(device)
+        samples.append(
+            {"student": student_images[offset : offset + len(run.prompts)], "supervisor": supervisor_images}
+        )
+        cards.append({"student": student_card, "supervisor": supervisor_card})
+        offset += len(run.prompts)
 
     encoders = Encoders.load(params, device)
-    references = References.of(encoders, photos)
-    features = {model: Features.of(encoders, samples[model], clean) for model in MODELS}
-    metrics = {model: features[model].scores(references) for model in MODELS}
-    k = params.images_per_prompt
-    per_prompt = {
-        model: [
-            {"prompt": t, **features[model].scores(references, slice(p * k, (p + 1) * k))}
-            for p, t in enumerate(templates)
-        ]
-        for model in MODELS
+    results = [_score(encoders, run, images, params) for run, images in zip(runs, samples, strict=True)]
+    metrics = {
+        m: {k: sum(r["metrics"][m][k] for r in results) / len(results) for k in METRICS} for m in MODELS
     }
-    for model in MODELS:
-        log.info("%s: %s", model, ", ".join(f"{k} {v:.4f}" for k, v in metrics[model].items()))
-        tracker.log_metrics({f"{model}_{k}": v for k, v in metrics[model].items()})
+    for result in results:
+        for model in MODELS:
+            scores = result["metrics"][model]
+            log.info(
+                "%s %s: %s", result["subject"], model, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            )
+    tracker.log_metrics({f"{model}_{k}": v for model in MODELS for k, v in metrics[model].items()})
+    if len(results) > 1:
+        tracker.log_metrics(
+            {
+                f"{r['subject']}.{m}_{k}": v
+                for r in results
+                for m in MODELS
+                for k, v in r["metrics"][m].items()
+            }
+        )
 
     evaluation = {
-        "subject": subject.name,
-        "class_noun": subject.class_noun,
-        "identifier": subject.identifier,
+        "subjects": results,
         "metrics": metrics,
-        "per_prompt": per_prompt,
         "protocol": PROTOCOL,
         "encoders": {"clip": params.clip_encoder, "dino": params.dino_encoder},
-        "models": {
-            m: {"backend": cards[m].backend, "adapter_sha256": cards[m].adapter_sha256} for m in MODELS
+        "student": {
+            "backend": student_card.backend,
+            "adapter_sha256": student_card.adapter_sha256,
+            "sampling": sampling.model_dump(),
         },
-        "samples": [
-            {"model": m, "file": f"{m}/{i:03d}.png", "prompt": prompts[i]}
-            for m in MODELS
-            for i in range(len(prompts))
-        ],
     }
     with atomic_directory(out_dir) as tmp:
-        for model in MODELS:
-            (tmp / model).mkdir()
-            for i, image in enumerate(samples[model]):
-                image.save(tmp / model / f"{i:03d}.png")
+        for result, images in zip(results, samples, strict=True):
+            for sample in result["samples"]:
+                (tmp / sample["file"]).parent.mkdir(parents=True, exist_ok=True)
+                images[sample["model"]][sample["index"]].save(tmp / sample["file"])
         atomic_write_json(tmp / EVALUATION_FILE, evaluation)
-        write_report(tmp / "report.html", subject, photos, evaluation, samples, cards)
+        write_report(tmp / "report.html", runs, evaluation, samples, cards)
     tracker.log_artifact(Path(out_dir) / "report.html")
     tracker.log_artifact(Path(out_dir) / EVALUATION_FILE)
     return evaluation
 
 
-def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:
+def _score(
+    encoders: Encoders, run: SubjectRun, images: dict[str, list[Image.Image]], params: EvalParams
+) -> dict:
+    """One subject's scores, totals and per prompt, and where its samples go."""
+    references = References.of(encoders, run.photos)
+    features = {model: Features.of(encoders, images[model], run.clean) for model in MODELS}
+    k = params.images_per_prompt
+    name = run.subject.name
+    return {
+        "subject": name,
+        "class_noun": run.subject.class_noun,
+        "identifier": run.subject.identifier,
+        "metrics": {model: features[model].scores(references) for model in MODELS},
+        "per_prompt": {
+            model: [
+                {"prompt": t, **features[model].scores(references, slice(p * k, (p + 1) * k))}
+                for p, t in enumerate(run.templates)
+            ]
+            for model in MODELS
+        },
+        "samples": [
+            {"model": m, "index": i, "file": f"{name}/{m}/{i:03d}.png", "prompt": run.prompts[i]}
+            for m in MODELS
+            for i in range(len(run.prompts))
+        ],
+    }
+
+
+def _as_list(dirs: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    return [dirs] if isinstance(dirs, str | Path) else list(dirs)
+
+
+def _sample_student(
+    adapter_dir, prompts: list[str], params: EvalParams, device
+) -> tuple[list, AdapterCard, Sampling]:
     backend, card = load_student(adapter_dir, device)
     sampling = backend.sampling.override(**params.student_sampling)
     log.info("student sampling: %s", sampling)
@@ -169,7 +252,7 @@ def _sample_student(adapter_dir, prompts: list[str], params: EvalParams, device)
         seeds = [params.seed + start + i for i in range(len(batch))]
         return backend.generate(batch, seeds, sampling, params.batch_size)
 
-    return _in_batches(prompts, params.batch_size, "student samples", generate), card
+    return _in_batches(prompts, params.batch_size, "student samples", generate), card, sampling
 
 
 def _sample_supervisor(adapter_dir, prompts: list[str], params: EvalParams, device) -> Samples:

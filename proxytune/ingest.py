@@ -23,6 +23,7 @@ from proxytune.storage import ObjectStore, join, open_s3_uri
 
 log = logging.getLogger(__name__)
 RECOMMENDED_COUNT = (3, 6)
+SPARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "qxv", "vkz", "jqp", "pxw", "kzq")  # rare tokens
 
 
 class IngestError(ValueError):
@@ -101,6 +102,40 @@ def subject_fields(source_uri: str, class_noun: str, name: str | None, identifie
         problems = "; ".join(e["msg"] for e in error.errors(include_url=False))
         raise IngestError(f"invalid subject: {problems}") from None
     return fields
+
+
+def plan_subjects(subjects: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The validated fields of every subject of a run (`uri`, `class_noun`, optional `name` and
+    `identifier` in; `subject_fields` out), before any photo is read.
+
+    A multi-subject student tells its subjects apart by their identifiers, so they must differ:
+    a subject without one gets the first of `SPARE_IDENTIFIERS` not taken; names must differ too
+    (they name the datasets, the report sections and the registered model)."""
+    if not subjects:
+        raise IngestError("a run needs at least one subject")
+    unknown = {k for s in subjects for k in s} - {"uri", "class_noun", "name", "identifier"}
+    if unknown:
+        raise IngestError(
+            f"unknown subject field(s) {sorted(unknown)}; use uri, class_noun, name, identifier"
+        )
+    taken = {s["identifier"] for s in subjects if s.get("identifier")}
+    spare = (i for i in SPARE_IDENTIFIERS if i not in taken)
+    planned = []
+    for subject in subjects:
+        if not subject.get("uri") or not subject.get("class_noun"):
+            raise IngestError(f"every subject needs a uri and a class_noun, got {subject}")
+        identifier = subject.get("identifier") or next(spare, None)
+        if identifier is None:
+            raise IngestError(f"more than {len(SPARE_IDENTIFIERS)} subjects: give each its own identifier")
+        planned.append(
+            subject_fields(subject["uri"], subject["class_noun"], subject.get("name") or None, identifier)
+        )
+    for field in ("name", "identifier"):
+        values = [p[field] for p in planned]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise IngestError(f"subjects must have distinct {field}s; {', '.join(repeated)} is used twice")
+    return planned
 
 
 def default_subject_name(source_uri: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from proxytune.config import RunParams
 from proxytune.fsutil import atomic_write_json
-from proxytune.ingest import scan_subject, subject_fields
+from proxytune.ingest import plan_subjects, scan_subject
 from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ def _environment(defaults: dict[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def _absolute(uri: str) -> str:
+    return uri if uri.startswith("s3://") else str(Path(uri).expanduser().resolve())
+
+
 def local_defaults(workdir: Path) -> dict[str, str]:
     defaults = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     if not os.environ.get(ENDPOINT_ENV):
@@ -52,11 +56,8 @@ def local_defaults(workdir: Path) -> dict[str, str]:
 
 
 def run_local(
-    subject_uri: str,
-    class_noun: str,
+    subjects: list[dict[str, str]],
     workdir: str | Path,
-    subject_name: str = "",
-    identifier: str = "sks",
     preset: str = "tiny",
     overrides: dict[str, Any] | None = None,
     experiment: str = "proxytune",
@@ -64,21 +65,36 @@ def run_local(
 ) -> dict[str, Any]:
     """Validate the inputs, run the pipeline, write and return `<workdir>/summary.json`.
 
-    Bad inputs raise ValueError before any task starts; a failed task gives a summary with
-    status "failed" (and RuntimeError from kfp)."""
+    `subjects`: one dict per subject, `uri` and `class_noun`, optional `name` and
+    `identifier`; several make a multi-subject student. Bad inputs raise ValueError before
+    any task starts; a failed task gives a summary with status "failed" (and RuntimeError
+    from kfp)."""
     from kfp import local
 
     from pipelines.proxy_tuning import proxy_tuning
 
     overrides = overrides or {}
     workdir = Path(workdir).resolve()
-    if not subject_uri.startswith("s3://"):
-        subject_uri = str(Path(subject_uri).expanduser().resolve())
+    subjects = [{**s, "uri": _absolute(s["uri"])} if s.get("uri") else s for s in subjects]
     RunParams.resolve(preset, overrides)
-    subject_fields(subject_uri, class_noun, subject_name or None, identifier)
-    scan_subject(subject_uri)
+    planned = plan_subjects(subjects)
+    for subject in planned:
+        scan_subject(subject["source_uri"])
+    first, *extra = [
+        {
+            "uri": p["source_uri"],
+            "class_noun": p["class_noun"],
+            "name": p["name"],
+            "identifier": p["identifier"],
+        }
+        for p in planned
+    ]
     workdir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"status": "running", "workdir": str(workdir), "subject_uri": subject_uri}
+    summary: dict[str, Any] = {
+        "status": "running",
+        "workdir": str(workdir),
+        "subject_uris": [p["source_uri"] for p in planned],
+    }
     started = time.monotonic()
     with _environment(local_defaults(workdir)):
         tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -87,10 +103,11 @@ def run_local(
         )
         try:
             task = proxy_tuning(
-                subject_uri=subject_uri,
-                class_noun=class_noun,
-                subject_name=subject_name,
-                identifier=identifier,
+                subject_uri=first["uri"],
+                class_noun=first["class_noun"],
+                subject_name=first["name"],
+                identifier=first["identifier"],
+                extra_subjects=extra,
                 preset=preset,
                 overrides=overrides,
                 mlflow_experiment=experiment,

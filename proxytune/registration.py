@@ -33,8 +33,9 @@ class Registration(BaseModel):
     metrics: dict[str, dict[str, float]]
 
 
-def default_model_name(subject: str) -> str:
-    return f"proxytune-{subject}"
+def default_model_name(subjects: list[str]) -> str:
+    """`proxytune-<subject>`; a multi-subject student joins its subjects' names."""
+    return "proxytune-" + "-".join(subjects)
 
 
 def gate(candidate: dict[str, float], champion: dict[str, float] | None) -> tuple[bool, str]:
@@ -78,13 +79,13 @@ def register(
             python_model=serving.__file__,
             artifacts={ADAPTER_ARTIFACT: str(student_dir)},
             pip_requirements=[f"proxytune=={__version__}"],
-            metadata={"subject": evaluation["subject"], "identifier": evaluation["identifier"]},
+            metadata={"subjects": {s["subject"]: s["identifier"] for s in evaluation["subjects"]}},
         )
     tags = {
         **{k: f"{v:.6f}" for k, v in student.items()},
         **{f"supervisor_{k}": f"{v:.6f}" for k, v in metrics["supervisor"].items()},
-        "subject": evaluation["subject"],
-        "class_noun": evaluation["class_noun"],
+        "subjects": ",".join(s["subject"] for s in evaluation["subjects"]),
+        "class_nouns": ",".join(s["class_noun"] for s in evaluation["subjects"]),
         KFP_RUN_TAG: context.kfp_run_id,
     }
     version = mlflow.register_model(logged.model_uri, model_name, tags=tags).version

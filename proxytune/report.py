@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from proxytune.contracts import AdapterCard, Subject
+from proxytune.contracts import AdapterCard
 from proxytune.fsutil import atomic_write_text
 from proxytune.images import data_uri, image_grid
 from proxytune.prompts import fill
@@ -28,42 +28,64 @@ img{image-rendering:auto;border:1px solid #ddd}
 
 def write_report(
     path: str | Path,
-    subject: Subject,
-    photos: Sequence[Image.Image],
+    runs: Sequence,
     evaluation: Mapping,
-    samples: Mapping[str, Sequence[Image.Image]],
-    cards: Mapping[str, AdapterCard],
+    samples: Sequence[Mapping[str, Sequence[Image.Image]]],
+    cards: Sequence[Mapping[str, AdapterCard]],
 ) -> None:
-    metrics = evaluation["metrics"]
-    per_prompt = len(samples["student"]) // len(evaluation["per_prompt"]["student"])
+    """The report of one evaluation: per subject (`runs[i]`, `evaluation["subjects"][i]`) its
+    reference photos, metrics and per-prompt grids; above them the run's metrics."""
+    results = evaluation["subjects"]
+    names = ", ".join(r["subject"] for r in results)
+    student = evaluation["student"]
+    sampling = ", ".join(f"{k} {v}" for k, v in student["sampling"].items())
     parts = [
-        f"<h1>Proxy-Tuning report: {_e(subject.name)} ({_e(subject.class_noun)})</h1>",
-        f"<p>Student <b>{_e(cards['student'].backend)}</b> tuned on proxy images from supervisor "
-        f"<b>{_e(cards['supervisor'].backend)}</b>; identifier <code>{_e(subject.identifier)}</code>.</p>",
+        f"<h1>Proxy-Tuning report: {_e(names)}</h1>",
+        f"<p>Student <b>{_e(student['backend'])}</b> (sampling: {_e(sampling)}) tuned on proxy images "
+        f"from {_e(', '.join(sorted({c['supervisor'].backend for c in cards})))}.</p>",
         "<h2>Subject fidelity</h2>",
-        _metrics_table(metrics),
+        _metrics_table(evaluation["metrics"]),
         f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_e(evaluation['encoders']['clip'])}, "
-        f"DINO {_e(evaluation['encoders']['dino'])}.</p>",
-        f"<img alt='training curves and metrics' src='{_plots(metrics, cards)}'>",
-        "<h2>Reference photos</h2>",
-        _img(image_grid(photos, columns=len(photos), cell=THUMB)),
-        "<h2>Samples</h2>",
+        f"DINO {_e(evaluation['encoders']['dino'])}."
+        + (" Means over the subjects below." if len(results) > 1 else "")
+        + "</p>",
+        f"<img alt='training curves and metrics' src='{_plots(evaluation['metrics'], cards)}'>",
     ]
-    for p, row in enumerate(evaluation["per_prompt"]["student"]):
+    for run, result, images in zip(runs, results, samples, strict=True):
+        parts += _subject_section(run, result, images, len(results) > 1)
+    body = "\n".join(parts)
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>proxytune: {_e(names)}</title>"
+    atomic_write_text(path, f"{page}<style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def _subject_section(
+    run, result: Mapping, images: Mapping[str, Sequence[Image.Image]], several: bool
+) -> list[str]:
+    subject = run.subject
+    per_prompt = len(images["student"]) // len(result["per_prompt"]["student"])
+    parts = [
+        f"<h2>{_e(subject.name)} ({_e(subject.class_noun)}), "
+        f"identifier <code>{_e(subject.identifier)}</code></h2>",
+        *([_metrics_table(result["metrics"])] if several else []),
+        "<h3>Reference photos</h3>",
+        _img(image_grid(run.photos, columns=len(run.photos), cell=THUMB)),
+        "<h3>Samples</h3>",
+    ]
+    for p, row in enumerate(result["per_prompt"]["student"]):
         cells = []
         for model in ("student", "supervisor"):
-            images = samples[model][p * per_prompt : (p + 1) * per_prompt]
-            score = evaluation["per_prompt"][model][p]
+            grid = image_grid(
+                images[model][p * per_prompt : (p + 1) * per_prompt], columns=per_prompt, cell=THUMB
+            )
+            score = result["per_prompt"][model][p]
             cells.append(
-                f"<div>{_img(image_grid(images, columns=per_prompt, cell=THUMB))}<div class=cap>{model}: "
+                f"<div>{_img(grid)}<div class=cap>{model}: "
                 f"CLIP-I {score['clip_i']:.3f} · CLIP-T {score['clip_t']:.3f} · "
                 f"DINO {score['dino']:.3f}</div></div>"
             )
         prompt = fill(row["prompt"], subject.identifier, subject.class_noun)
-        parts.append(f"<h3>{_e(prompt)}</h3><div class=row>{''.join(cells)}</div>")
-    body = "\n".join(parts)
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>proxytune: {_e(subject.name)}</title>"
-    atomic_write_text(path, f"{page}<style>{STYLE}</style></head><body>{body}</body></html>\n")
+        parts.append(f"<h4>{_e(prompt)}</h4><div class=row>{''.join(cells)}</div>")
+    return parts
 
 
 def _e(text: object) -> str:
@@ -87,18 +109,32 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Mapping[str, AdapterCard]) -> str:
-    """Training-loss curves of both adapters and a bar chart of the metrics, as a data URI."""
+def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[str, AdapterCard]]) -> str:
+    """Training-loss curves (every subject's supervisor, the student) and a bar chart of the
+    metrics, as a data URI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.2), dpi=90)
-    for axis, model in zip(axes[:2], ("supervisor", "student"), strict=True):
-        card = cards[model]
-        axis.plot(range(1, len(card.losses) + 1), card.losses, lw=1)
-        axis.set_title(f"{model} training loss ({card.backend})")
+    for card in (c["supervisor"] for c in cards):
+        axes[0].plot(range(1, len(card.losses) + 1), card.losses, lw=1, label=card.subjects[0].name)
+    axes[0].set_title(f"supervisor training loss ({cards[0]['supervisor'].backend})")
+    if len(cards) > 1:
+        axes[0].legend(fontsize="small")
+    student = cards[0]["student"]
+    axes[1].plot(range(1, len(student.losses) + 1), student.losses, lw=1, label="train (batch)")
+    for split, before in student.loss_before.items():
+        axes[1].plot(
+            [0, len(student.losses)],
+            [before, student.loss_after[split]],
+            "o--",
+            label=f"{split} before/after",
+        )
+    axes[1].legend(fontsize="small")
+    axes[1].set_title(f"student training loss ({student.backend})")
+    for axis in axes[:2]:
         axis.set_xlabel("step")
     keys = ("clip_i", "clip_t", "dino")
     for offset, model in ((-0.2, "student"), (0.2, "supervisor")):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxytune.config import RunParams
+from proxytune.contracts import SUBJECT_FILE, Subject, read_adapter_card
 from proxytune.tracking import TrackingContext, stage_run
 
 
@@ -33,32 +34,47 @@ def configure_logging() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def ingest_step(
+def plan_step(
     subject_uri: str,
-    out_dir: str,
     class_noun: str,
     subject_name: str,
     identifier: str,
+    extra_subjects: list[dict[str, str]],
     preset: str,
     overrides: dict[str, Any],
     tracking: TrackingContext,
-) -> dict[str, Any]:
-    """Validate the whole run's parameters (before any GPU step), then ingest the photos."""
+) -> list[dict[str, str]]:
+    """Validate the whole run (parameters and every subject) before any GPU step; returns
+    the subjects the pipeline fans out over."""
+    from proxytune.ingest import plan_subjects
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    first = {"uri": subject_uri, "class_noun": class_noun, "name": subject_name, "identifier": identifier}
+    subjects = plan_subjects([first, *extra_subjects])
+    with stage_run(tracking, "plan") as tracker:  # opens the parent run before the fan-out
+        tracker.log_params({"preset": preset, "overrides": json.dumps(overrides, sort_keys=True)})
+        tracker.log_params({"run": params.model_dump()})
+        tracker.log_params({"subjects": json.dumps(subjects)})
+    return subjects
+
+
+def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext) -> dict[str, Any]:
+    """Ingest one planned subject's photos (`plan_step` validated the fields)."""
     from proxytune.ingest import ingest
     from proxytune.storage import store_from_env
 
     configure_logging()
-    params = RunParams.resolve(preset, overrides)
-    with stage_run(tracking, "ingest") as tracker:
-        subject = ingest(subject_uri, out_dir, class_noun, subject_name or None, identifier, store_from_env())
-        tracker.log_params(
-            {
-                "preset": preset,
-                "overrides": json.dumps(overrides, sort_keys=True),
-                **subject.model_dump(exclude={"images"}),
-            }
+    with stage_run(tracking, "ingest", subject=planned["name"]) as tracker:
+        subject = ingest(
+            planned["source_uri"],
+            out_dir,
+            planned["class_noun"],
+            planned["name"],
+            planned["identifier"],
+            store_from_env(),
         )
-        tracker.log_params({"run": params.model_dump()})
+        tracker.log_params(subject.model_dump(exclude={"images"}))
         tracker.log_metric("photos", len(subject.images))
         tracker.log_artifacts(Path(out_dir) / "images", "subject")
         return {"subject": subject.name, "photos": len(subject.images), "mlflow_run_id": tracker.run_id or ""}
@@ -71,7 +87,8 @@ def tune_supervisor_step(
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
-    with stage_run(tracking, "tune_supervisor") as tracker:
+    subject = Subject.read(Path(subject_dir) / SUBJECT_FILE).name
+    with stage_run(tracking, "tune_supervisor", subject=subject) as tracker:
         card = tune_supervisor(subject_dir, out_dir, params.supervisor, tracker)
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
@@ -84,13 +101,14 @@ def generate_proxy_step(
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
-    with stage_run(tracking, "generate_proxy") as tracker:
+    subject = read_adapter_card(supervisor_dir, "supervisor").subjects[0].name
+    with stage_run(tracking, "generate_proxy", subject=subject) as tracker:
         info = generate_proxy(supervisor_dir, out_dir, params.proxy, store_from_env(), tracker)
         return {"images": info.num_images, "key": info.key, "mlflow_run_id": tracker.run_id or ""}
 
 
 def tune_student_step(
-    proxy_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+    proxy_dirs: list[str], out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
 ) -> dict[str, Any]:
     from proxytune.storage import store_from_env
     from proxytune.student import tune_student
@@ -98,13 +116,13 @@ def tune_student_step(
     configure_logging()
     params = RunParams.resolve(preset, overrides)
     with stage_run(tracking, "tune_student") as tracker:
-        card = tune_student(proxy_dir, out_dir, params.student, store_from_env(), tracker)
+        card = tune_student(proxy_dirs, out_dir, params.student, store_from_env(), tracker)
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
 
 def evaluate_step(
-    subject_dir: str,
-    supervisor_dir: str,
+    subject_dirs: list[str],
+    supervisor_dirs: list[str],
     student_dir: str,
     samples_dir: str,
     report_path: str,
@@ -120,7 +138,7 @@ def evaluate_step(
     params = RunParams.resolve(preset, overrides)
     with stage_run(tracking, "evaluate") as tracker:
         evaluation = evaluate(
-            subject_dir, supervisor_dir, student_dir, samples_dir, params.evaluation, tracker
+            subject_dirs, supervisor_dirs, student_dir, samples_dir, params.evaluation, tracker
         )
     shutil.copyfile(Path(samples_dir) / "report.html", report_path)
     return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
@@ -137,7 +155,7 @@ def register_step(student_dir: str, samples_dir: str, model_name: str, tracking:
         registration = register(
             student_dir,
             evaluation,
-            model_name or default_model_name(evaluation["subject"]),
+            model_name or default_model_name([s["subject"] for s in evaluation["subjects"]]),
             tracking,
             tracker,
         )

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 KFP_RUN_TAG = "proxytune.kfp_run_id"
 ROLE_TAG = "proxytune.role"
 STAGE_TAG = "proxytune.stage"
+SUBJECT_TAG = "proxytune.subject"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -159,8 +160,11 @@ def find_or_create_parent(client, experiment_id: str, context: TrackingContext) 
 
 
 @contextlib.contextmanager
-def stage_run(context: TrackingContext, stage: str, closes_pipeline: bool = False) -> Iterator[Tracker]:
-    """A child run for `stage` under the pipeline's parent run.
+def stage_run(
+    context: TrackingContext, stage: str, closes_pipeline: bool = False, subject: str | None = None
+) -> Iterator[Tracker]:
+    """A child run for `stage` under the pipeline's parent run (per subject for the stages
+    that fan out over subjects: named "stage (subject)" and tagged with the subject).
 
     The run ends FINISHED, or FAILED (and the parent too) if the block raises; the last
     stage passes `closes_pipeline=True` to mark the parent FINISHED.
@@ -175,10 +179,11 @@ def stage_run(context: TrackingContext, stage: str, closes_pipeline: bool = Fals
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, context.experiment, uri)
     parent = find_or_create_parent(client, experiment_id, context)
+    tags = {PARENT_TAG: parent, STAGE_TAG: stage, ROLE_TAG: "stage", KFP_RUN_TAG: context.kfp_run_id}
     run = client.create_run(
         experiment_id,
-        run_name=stage,
-        tags={PARENT_TAG: parent, STAGE_TAG: stage, ROLE_TAG: "stage", KFP_RUN_TAG: context.kfp_run_id},
+        run_name=f"{stage} ({subject})" if subject else stage,
+        tags={**tags, SUBJECT_TAG: subject} if subject else tags,
     )
     tracker = MlflowTracker(client, run.info.run_id, parent)
     log.info("MLflow: %s run %s (parent %s) at %s", stage, run.info.run_id, parent, redact(uri))

@@ -24,17 +24,30 @@ class Images(HTMLParser):
 def test_evaluation_scores_both_models_on_the_live_prompts(evaluation_dir, params):
     evaluation = read_evaluation(evaluation_dir)
     k, n = params.evaluation.images_per_prompt, params.evaluation.num_prompts
-    assert set(evaluation["metrics"]) == {"student", "supervisor"}
-    for scores in evaluation["metrics"].values():
+    (dog,) = evaluation["subjects"]
+    assert (dog["subject"], dog["identifier"], dog["class_noun"]) == ("dog", "sks", "dog")
+    assert evaluation["metrics"] == dog["metrics"]  # one subject: its scores are the run's
+    assert set(dog["metrics"]) == {"student", "supervisor"}
+    for scores in dog["metrics"].values():
         assert set(scores) == {"clip_i", "clip_t", "dino"}
-        assert all(-1.0 <= v <= 1.0 for v in scores.values())
-    assert [p["prompt"] for p in evaluation["per_prompt"]["student"]] == [
+    assert [p["prompt"] for p in dog["per_prompt"]["student"]] == [
         "a {identifier} {class_noun} in the jungle",
         "a {identifier} {class_noun} in the snow",
     ][:n]
-    samples = evaluation["samples"]
+    assert evaluation["student"]["sampling"] == {
+        "guidance_scale": 5.0,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+    }
+    samples = dog["samples"]
     assert len(samples) == 2 * n * k
-    assert samples[0] == {"model": "student", "file": "student/000.png", "prompt": "a sks dog in the jungle"}
+    assert samples[0] == {
+        "model": "student",
+        "index": 0,
+        "file": "dog/student/000.png",
+        "prompt": "a sks dog in the jungle",
+    }
     with Image.open(evaluation_dir / samples[-1]["file"]) as image:
         assert image.size == (64, 64)  # the supervisor's
     with Image.open(evaluation_dir / samples[0]["file"]) as image:
@@ -42,11 +55,11 @@ def test_evaluation_scores_both_models_on_the_live_prompts(evaluation_dir, param
 
 
 def test_totals_are_the_mean_of_equal_sized_prompt_groups(evaluation_dir):
-    evaluation = read_evaluation(evaluation_dir)
-    for model, rows in evaluation["per_prompt"].items():
+    (dog,) = read_evaluation(evaluation_dir)["subjects"]
+    for model, rows in dog["per_prompt"].items():
         for metric in ("clip_i", "clip_t", "dino"):
             mean = sum(r[metric] for r in rows) / len(rows)
-            assert abs(mean - evaluation["metrics"][model][metric]) < 1e-6
+            assert abs(mean - dog["metrics"][model][metric]) < 1e-6
 
 
 def test_report_is_self_contained_with_pictures_and_numbers(evaluation_dir, params):

@@ -52,9 +52,7 @@ def test_generate_from_the_registry_by_alias(student_dir, tmp_path, sqlite_track
     context = TrackingContext(experiment="generate", kfp_run_id="gen")
     with stage_run(context, "register") as tracker:
         evaluation = {
-            "subject": "dog",
-            "class_noun": "dog",
-            "identifier": "sks",
+            "subjects": [{"subject": "dog", "class_noun": "dog", "identifier": "sks"}],
             "metrics": {m: {"clip_i": 0.5, "clip_t": 0.3, "dino": 0.5} for m in ("student", "supervisor")},
         }
         register(student_dir, evaluation, "proxytune-gen", context, tracker)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from proxytune.contracts import Subject
 from proxytune.fsutil import sha256_file
-from proxytune.ingest import IngestError, ingest, load_subject
+from proxytune.ingest import IngestError, ingest, load_subject, plan_subjects
 from tests.conftest import EXAMPLE
 
 
@@ -134,3 +134,45 @@ def test_existing_output_is_never_overwritten(photos, tmp_path):
     with pytest.raises(FileExistsError):
         ingest(str(photos), out, "cat")
     assert (out / "subject.json").read_bytes() == before
+
+
+def test_a_run_plans_every_subject_with_its_own_identifier():
+    planned = plan_subjects(
+        [
+            {"uri": "/photos/dog", "class_noun": "dog"},
+            {"uri": "s3://bucket/cat2", "class_noun": "cat", "identifier": "sks"},
+            {"uri": "/photos/Red Teapot", "class_noun": "teapot", "name": "teapot"},
+        ]
+    )
+    assert [(p["name"], p["identifier"], p["class_noun"]) for p in planned] == [
+        ("dog", "ohwx", "dog"),  # sks is taken by cat2, so the first spare one
+        ("cat2", "sks", "cat"),
+        ("teapot", "zwx", "teapot"),
+    ]
+    assert planned[1]["source_uri"] == "s3://bucket/cat2"
+
+
+@pytest.mark.parametrize(
+    ("subjects", "message"),
+    [
+        ([], "at least one subject"),
+        (
+            [{"uri": "/a/dog", "class_noun": "dog"}, {"uri": "/b/dog", "class_noun": "dog"}],
+            "distinct names; dog",
+        ),
+        (
+            [
+                {"uri": "/a", "class_noun": "dog", "identifier": "sks"},
+                {"uri": "/b", "class_noun": "dog", "identifier": "sks"},
+            ],
+            "distinct identifiers; sks",
+        ),
+        ([{"uri": "/a", "class_noun": "dog", "colour": "red"}], "unknown subject field(s) ['colour']"),
+        ([{"uri": "/a"}], "needs a uri and a class_noun"),
+        ([{"uri": "/a", "class_noun": "dog", "identifier": "two words"}], "must be one word"),
+    ],
+)
+def test_bad_subject_plans_are_refused(subjects, message):
+    with pytest.raises(IngestError) as error:
+        plan_subjects(subjects)
+    assert message in str(error.value)

@@ -6,7 +6,8 @@ import yaml
 from components.base import BASE_IMAGE
 from proxytune.cli import main
 
-STAGES = ["ingest", "tune-supervisor", "generate-proxy", "tune-student", "evaluate", "register"]
+STAGES = ["plan", "ingest", "tune-supervisor", "generate-proxy", "tune-student", "evaluate", "register"]
+PER_SUBJECT = ["ingest", "tune-supervisor", "generate-proxy"]
 GPU_STAGES = {"tune-supervisor", "generate-proxy", "tune-student", "evaluate"}
 SECRET_VALUE = "do-not-leak-this-secret-8f3a"
 
@@ -24,18 +25,40 @@ def compiled(tmp_path_factory):
     return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+def task_spec(spec, task):
+    """A task of the root DAG, or of the per-subject loop's DAG."""
+    root = spec["root"]["dag"]["tasks"]
+    if task in root:
+        return root[task]
+    return spec["components"][root["for-loop-1"]["componentRef"]["name"]]["dag"]["tasks"][task]
+
+
 def executor_of(spec, task):
-    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
-    return spec["components"][component]["executorLabel"]
+    return spec["components"][task_spec(spec, task)["componentRef"]["name"]]["executorLabel"]
 
 
-def test_six_tasks_in_pipeline_order(compiled):
-    _, spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == sorted(STAGES)
+def order(tasks):
     graph = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
-    assert list(graphlib.TopologicalSorter(graph).static_order()) == STAGES
-    assert graph["evaluate"] == {"ingest", "tune-supervisor", "tune-student"}
+    return list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def test_plan_then_a_loop_over_subjects_then_one_student(compiled):
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert order(root) == ["plan", "for-loop-1", "tune-student", "evaluate", "register"]
+    loop = root["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-Output"
+    assert order({t: task_spec(spec, t) for t in PER_SUBJECT}) == PER_SUBJECT
+    collected = {
+        task: {name: a["taskOutputArtifact"] for name, a in root[task]["inputs"]["artifacts"].items()}
+        for task in ("tune-student", "evaluate")
+    }
+    assert collected["tune-student"]["proxies"]["producerTask"] == "for-loop-1"
+    assert collected["evaluate"]["subjects"]["outputArtifactKey"] == "pipelinechannel--ingest-subject"
+    assert (
+        collected["evaluate"]["supervisors"]["outputArtifactKey"]
+        == "pipelinechannel--tune-supervisor-supervisor"
+    )
 
 
 def test_gpu_requests_on_exactly_the_gpu_steps(compiled):

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from mlflow import MlflowClient
 from PIL import Image, ImageOps
 
 from proxytune.cli import main
@@ -23,8 +24,9 @@ def own_subject(tmp_path_factory):
     return folder
 
 
-def test_any_photo_folder_runs_on_the_embedded_defaults(own_subject, tmp_path, monkeypatch):
-    """No servers: MLflow on SQLite and the store in the workdir, as in `make demo`."""
+def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subject, tmp_path, monkeypatch):
+    """No servers: MLflow on SQLite and the store in the workdir, as in `make demo`; two
+    subjects (a user's folder and the example) make one multi-subject student."""
     for variable in ("MLFLOW_TRACKING_URI", "PROXYTUNE_S3_ENDPOINT_URL", "PROXYTUNE_STORE_DIR"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("COLUMNS", "160")
@@ -36,14 +38,25 @@ def test_any_photo_folder_runs_on_the_embedded_defaults(own_subject, tmp_path, m
         str(own_subject),
         "--class-noun",
         "teapot",
+        "--subject",
+        str(EXAMPLE),
+        "--class-noun",
+        "dog",
         "--workdir",
         str(tmp_path),
     ]
     assert main(arguments + [f"--set={s}" for s in small]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["registered_model"]["name"] == "proxytune-red-teapot"
+    assert summary["registered_model"]["name"] == "proxytune-red-teapot-dog"
     assert summary["registered_model"]["aliases"] == ["challenger", "champion"]
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert {p.name for p in (tmp_path / "store").iterdir()} == {"subjects", "proxy", "token-cache"}
-    assert "a sks teapot in the jungle" in (tmp_path / "report.html").read_text()  # the object prompt list
+    report = (tmp_path / "report.html").read_text()
+    assert "a sks teapot on top of pink fabric" not in report  # one prompt per subject
+    assert "a sks teapot in the jungle" in report and "a ohwx dog in the jungle" in report
+    assert "Means over the subjects below" in report
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("proxytune").experiment_id
+    (student,) = client.search_runs([experiment], filter_string="tags.`proxytune.stage` = 'tune_student'")
+    assert student.data.params["train_images"] == str(2 * 3)  # 4 proxy images per subject, 1 held out
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the run restored the environment

@@ -13,9 +13,7 @@ from proxytune.tracking import TrackingContext, stage_run
 def evaluation(dino, clip_i, subject="dog"):
     scores = {"clip_i": clip_i, "clip_t": 0.3, "dino": dino}
     return {
-        "subject": subject,
-        "class_noun": "dog",
-        "identifier": "sks",
+        "subjects": [{"subject": subject, "class_noun": "dog", "identifier": "sks"}],
         "metrics": {"student": scores, "supervisor": {"clip_i": 0.8, "clip_t": 0.31, "dino": 0.7}},
     }
 

@@ -262,3 +262,50 @@ def test_special_tokens_that_disagree_with_the_generation_config_are_refused(jan
     (tmp_path / "generation_config.json").write_text(json.dumps(generation))
     with pytest.raises(ValueError, match="boi_token_id: tokenizer 259 vs generation_config 260"):
         STUDENTS.create("tiny-janus").load(CPU, ModelSource(str(tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def second_proxy_dir(params, tmp_path_factory):
+    """A second subject (mirrored dog photos, identifier ohwx) through supervisor and proxy."""
+    from PIL import Image, ImageOps
+
+    from proxytune.ingest import ingest
+    from proxytune.proxy import generate_proxy
+    from proxytune.supervisor import tune_supervisor
+    from tests.conftest import EXAMPLE
+
+    root = tmp_path_factory.mktemp("second")
+    (root / "photos").mkdir()
+    for source in sorted(EXAMPLE.glob("*.jpg")):
+        ImageOps.mirror(Image.open(source)).save(root / "photos" / f"{source.stem}.png")
+    ingest(str(root / "photos"), root / "subject", "dog", name="dog2", identifier="ohwx")
+    tune_supervisor(
+        root / "subject", root / "supervisor", params.supervisor.model_copy(update={"steps": 5}), device=CPU
+    )
+    proxy = params.proxy.model_copy(update={"num_images": 8})
+    generate_proxy(root / "supervisor", root / "proxy", proxy, device=CPU)
+    return root / "proxy"
+
+
+def test_one_student_learns_several_subjects_each_by_its_identifier(
+    proxy_dir, second_proxy_dir, params, tmp_path, monkeypatch
+):
+    prompts = []
+    original = ARStudent.tokenize
+
+    def spy(self, batch, unconditional):
+        prompts.extend(batch)
+        return original(self, batch, unconditional)
+
+    monkeypatch.setattr(ARStudent, "tokenize", spy)
+    student = params.student.model_copy(update={"steps": 8})
+    card = tune_student([proxy_dir, second_proxy_dir], tmp_path / "joint", student, device=CPU)
+    assert [(s.name, s.identifier) for s in card.subjects] == [("dog", "sks"), ("dog2", "ohwx")]
+    assert (card.params["train_images"], card.params["heldout_images"]) == (14 + 7, 2 + 1)
+    assert len(card.params["proxy_keys"]) == 2
+    assert {"a sks dog", "a ohwx dog"} <= set(prompts)
+
+
+def test_subjects_sharing_an_identifier_cannot_train_one_student(proxy_dir, params, tmp_path):
+    with pytest.raises(ValueError, match="one identifier per subject"):
+        tune_student([proxy_dir, proxy_dir], tmp_path / "joint", params.student, device=CPU)
