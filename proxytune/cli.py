@@ -1,4 +1,4 @@
-"""Command line: `proxytune run --local`, `generate`, `compile`, `backends`."""
+"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `backends`."""
 
 from __future__ import annotations
 
@@ -95,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     for flag, kind in (("guidance-scale", float), ("temperature", float), ("top-k", int), ("top-p", float)):
         generate.add_argument(f"--{flag}", type=kind, help="default: the backend's reference value")
     generate.set_defaults(handler=_generate)
+
+    convert = commands.add_parser(
+        "convert-vqgan",
+        help="convert Meta's Chameleon VQGAN (Lumina-mGPT's image tokenizer) for student.vq_source",
+    )
+    convert.add_argument(
+        "--checkpoint", required=True, help="tokenizer/vqgan.ckpt of Meta's Chameleon release"
+    )
+    convert.add_argument("--config", required=True, help="tokenizer/vqgan.yaml beside it")
+    convert.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    convert.set_defaults(handler=_convert_vqgan)
     return parser
 
 
@@ -185,6 +196,15 @@ def _generate(args: argparse.Namespace) -> int:
     )
     console.print(f"grid:   {out / 'grid.png'}")
     console.print(f"record: {out / 'generation.json'}")
+    return 0
+
+
+def _convert_vqgan(args: argparse.Namespace) -> int:
+    from proxytune.backends._vqgan import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.config, args.out).resolve()
+    console.print(f"Chameleon VQGAN -> {out}")
+    console.print(f"use it with: --set student.vq_source={out}")
     return 0
 
 

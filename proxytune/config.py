@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxytune.prompts import INSTANCE_TEMPLATE
 from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
@@ -70,7 +70,14 @@ class StudentParams(_Params):
     """LoRA on the AR student, trained on the proxy dataset only."""
 
     backend: str = "tiny-janus"
-    model_source: str | None = None
+    model_source: str | None = Field(
+        None, description="hub id, folder or s3:// prefix; default: the backend's"
+    )
+    vq_source: str | None = Field(
+        None,
+        description="Lumina-mGPT: the Chameleon VQGAN converted by `proxytune convert-vqgan` "
+        "(folder, hub id or s3:// prefix); default: the vqgan/ folder beside the model",
+    )
     steps: int = Field(40, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     rank: int = Field(8, gt=0)
@@ -88,6 +95,18 @@ class StudentParams(_Params):
     seed: int = 0
 
     _check_backend = field_validator("backend")(lambda v: STUDENTS.check(v))
+
+    @model_validator(mode="after")
+    def _vq_is_findable(self) -> StudentParams:
+        backend = STUDENTS.create(self.backend)
+        released = not backend.source.id.startswith("random:")
+        if backend.separate_vq and released and not (self.vq_source or self.model_source):
+            raise ValueError(
+                f"vq_source: {self.backend}'s release holds no VQ tokenizer; convert Meta's Chameleon "
+                "tokenizer with `proxytune convert-vqgan` and set student.vq_source to the folder "
+                "(or student.model_source to a folder with it in vqgan/)"
+            )
+        return self
 
 
 class EvalParams(_Params):
@@ -140,11 +159,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "supervisor": {"backend": "sd15", "steps": 500, "learning_rate": 1e-4, "rank": 4},
         "proxy": {"num_images": 1000, "batch_size": 8, "inference_steps": 50, "guidance_scale": 7.5},
         "student": {
-            "backend": "janus-pro-1b",
-            "steps": 2000,
+            "backend": "lumina-mgpt-7b-768",
+            "steps": 1000,
             "learning_rate": 1e-4,
             "rank": 128,
             "batch_size": 8,
+            "micro_batch_size": 4,
         },
         "evaluation": {
             "clip_encoder": "clip-vit-b32",
@@ -186,7 +206,10 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {key!r} conflicts with another override")
-        node[leaf] = _nest(value) if isinstance(value, dict) else value
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            _deep_merge(node[leaf], _nest(value))
+        else:
+            node[leaf] = _nest(value) if isinstance(value, dict) else value
     return nested
 
 

@@ -89,6 +89,7 @@ class SubjectRef(_Contract):
 class ModelRef(_Contract):
     id: str
     revision: str | None = None
+    vq: str | None = None  # a VQ tokenizer released apart from the model (Lumina-mGPT)
 
 
 class AdapterCard(_Contract):

@@ -118,7 +118,7 @@ def tune_student(
     ]
     backend: ARStudent = STUDENTS.create(params.backend)
     device = device or default_device()
-    source = ModelSource(params.model_source) if params.model_source else backend.source
+    source = ModelSource(params.model_source or backend.source.id, vq=params.vq_source)
     log.info("loading student %s (%s)", backend.name, source.id)
     backend.load(device, source)
 
@@ -198,7 +198,8 @@ def load_student(
 
     card = read_adapter_card(adapter_dir, "student")
     backend: ARStudent = STUDENTS.create(card.backend)
-    backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
+    base = card.base_model
+    backend.load(device or default_device(), ModelSource(base.id, base.revision, base.vq))
     try:
         tuned = PeftModel.from_pretrained(backend.model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as error:

@@ -125,7 +125,7 @@ def tune_adapter(
         card = AdapterCard(
             kind=spec.kind,
             backend=spec.backend,
-            base_model=ModelRef(id=spec.source.id, revision=spec.source.revision),
+            base_model=ModelRef(id=spec.source.id, revision=spec.source.revision, vq=spec.source.vq),
             subjects=spec.subjects,
             params=spec.params,
             steps_done=len(losses),

@@ -10,18 +10,28 @@ def test_tiny_preset_uses_tiny_backends():
     assert (params.evaluation.clip_encoder, params.evaluation.dino_encoder) == ("tiny-clip", "tiny-dino")
 
 
+VQGAN = {"student.vq_source": "s3://models/chameleon-vqgan"}
+
+
 def test_paper_preset_resolves_to_registered_backends():
-    params = RunParams.resolve("paper")
+    params = RunParams.resolve("paper", VQGAN)
     assert params.proxy.num_images == 1000
     assert params.supervisor.learning_rate == 1e-4
+    assert (params.student.backend, params.student.rank) == ("lumina-mgpt-7b-768", 128)
+
+
+def test_the_paper_student_needs_the_chameleon_vqgan_before_anything_runs():
+    with pytest.raises(ValueError, match="vq_source: lumina-mgpt-7b-768's release holds no VQ tokenizer"):
+        RunParams.resolve("paper")
+    assert RunParams.resolve("paper", {"student.model_source": "/models/lumina"}).student.vq_source is None
 
 
 def test_dotted_and_nested_overrides_merge_over_the_preset():
-    params = RunParams.resolve("paper", {"supervisor.steps": 7, "student": {"rank": 2}})
+    params = RunParams.resolve("paper", {**VQGAN, "supervisor.steps": 7, "student": {"rank": 2}})
     assert params.supervisor.steps == 7
     assert params.supervisor.backend == "sd15"
     assert params.student.rank == 2
-    assert params.student.backend == "janus-pro-1b"
+    assert params.student.backend == "lumina-mgpt-7b-768"
 
 
 def test_integral_floats_from_kfp_are_accepted():
@@ -61,3 +71,8 @@ def test_parse_overrides_reads_json_values_and_keeps_text():
     }
     with pytest.raises(ValueError, match=r"not of the form section\.field=value"):
         parse_overrides(["steps"])
+
+
+def test_dotted_and_nested_overrides_of_one_section_combine():
+    params = RunParams.resolve("tiny", {"student.rank": 3, "student": {"steps": 5}, "student.seed": 9})
+    assert (params.student.rank, params.student.steps, params.student.seed) == (3, 5, 9)

@@ -23,10 +23,13 @@ from PIL import Image
 @dataclass(frozen=True)
 class ModelSource:
     """Where weights come from: a hub id (with revision), a local folder, an s3:// prefix,
-    or `tiny:<name>` for the random-weight test models built from configs."""
+    `tiny:<name>` (supervisors) or `random:<config>` (students) for random-weight models
+    built from configs. `vq` locates a VQ tokenizer released apart from the model
+    (Lumina-mGPT's Chameleon VQGAN), in any of the same forms."""
 
     id: str
     revision: str | None = None
+    vq: str | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -37,6 +40,15 @@ class ModelSource:
         from proxytune.weights import stage_weights
 
         return stage_weights(self.id) if self.id.startswith("s3://") else self.id
+
+    def local_folder(self) -> str:
+        """A local folder with the files: staged from s3://, or the hub snapshot (cache first)."""
+        path = self.local_or_hub()
+        if Path(path).is_dir():
+            return path
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, revision=self.revision)
 
 
 def default_device() -> torch.device:
