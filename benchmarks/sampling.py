@@ -42,7 +42,8 @@ def main() -> None:
     naive_s = time.perf_counter() - start
 
     same = (fast == naive).float().mean().item()
-    print(f"student {backend.name}: {backend.block.num_codes} image tokens, {args.images} images, {backend.sampling}")
+    print(f"student {backend.name}: {backend.block.num_codes} image tokens, {args.images} images")
+    print(f"sampling: {backend.sampling}")
     print(f"naive loop (no cache, 2 passes per step, 1 image at a time) {naive_s:8.2f} s")
     print(f"fast loop (KV cache, batched CFG, {args.images} images per batch)  {fast_s:8.2f} s")
     print(f"codes equal between the loops: {same:.1%}")

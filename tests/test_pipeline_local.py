@@ -26,11 +26,12 @@ def own_subject(tmp_path_factory):
 
 def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subject, tmp_path, monkeypatch):
     """No servers: MLflow on SQLite and the store in the workdir, as in `make demo`; two
-    subjects (a user's folder and the example) make one multi-subject student."""
+    subjects (a user's folder and the example) make one multi-subject Lumina-mGPT student."""
     for variable in ("MLFLOW_TRACKING_URI", "PROXYTUNE_S3_ENDPOINT_URL", "PROXYTUNE_STORE_DIR"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("COLUMNS", "160")
     small = ["proxy.num_images=4", "supervisor.steps=4", "student.steps=4", "evaluation.num_prompts=1"]
+    small.append("student.backend=tiny-lumina")  # the paper's student family, as a tiny model
     arguments = [
         "run",
         "--local",
@@ -54,7 +55,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     report = (tmp_path / "report.html").read_text()
     assert "a sks teapot on top of pink fabric" not in report  # one prompt per subject
     assert "a sks teapot in the jungle" in report and "a ohwx dog in the jungle" in report
-    assert "Means over the subjects below" in report
+    assert "Means over the subjects below" in report and "tiny-lumina" in report
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     experiment = client.get_experiment_by_name("proxytune").experiment_id
     (student,) = client.search_runs([experiment], filter_string="tags.`proxytune.stage` = 'tune_student'")

@@ -224,8 +224,11 @@ class ARStudent(ABC):
         """The decoder stack: takes inputs_embeds, attention_mask, position_ids, cache."""
 
     @abstractmethod
+    def head(self) -> torch.nn.Module:
+        """The output head over the block vocabulary (the training targets)."""
+
     def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the block vocabulary (the training targets)."""
+        return self.head()(hidden)
 
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the codes only (what sampling draws from)."""

@@ -138,11 +138,11 @@ class JanusStudent(ARStudent):
     def transformer(self) -> torch.nn.Module:
         return self.model.model.language_model
 
-    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.model.generation_head(hidden)
+    def head(self) -> torch.nn.Module:
+        return self.model.model.generation_head
 
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.block_logits(hidden)
+        return self.block_logits(hidden)  # the head's outputs are the codes
 
     def vq_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         vq = self.model.model.vqmodel

@@ -203,8 +203,8 @@ class LuminaStudent(ARStudent):
     def transformer(self) -> torch.nn.Module:
         return self.model.model
 
-    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+    def head(self) -> torch.nn.Module:
+        return self.model.lm_head
 
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the 8192 image-token rows only: 8x less work than the whole vocabulary."""

@@ -1,0 +1,195 @@
+"""GPU smoke and throughput test of the real students, at full size with random weights.
+
+Builds Janus-Pro-1B, Janus-Pro-7B and Lumina-mGPT-7B-768 from their published
+configurations (`proxytune/backends/configs/`) directly on the GPU in bf16, then, per model:
+
+- LoRA training at the `paper` preset (rank, batch and micro-batch; gradient checkpointing):
+  tokens/s, model FLOPs utilisation and peak memory;
+- sampling a batch of 16 images with classifier-free guidance through the students' shared
+  loop (KV cache, both branches in one batch), then decoding them: image tokens/s and s/image.
+
+MFU counts 4 N FLOPs per trained token, N the parameters of the decoder layers and the head
+used at every position: 2 N forward, 2 N for the gradients to the activations (the frozen
+weights get none; LoRA, attention scores and recomputation are not counted), against
+`--peak-tflops` (H200 bf16 dense: 989). Without a GPU it prints why and exits 0;
+`--device cpu --models tiny-janus,tiny-lumina` runs the same code on tiny models (CI does).
+
+    python benchmarks/gpu_smoke.py [--models janus-pro-1b,janus-pro-7b,lumina-mgpt-7b-768] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from proxytune.backends._base import ModelSource
+from proxytune.config import PRESETS
+from proxytune.registry import STUDENTS
+
+REAL = "janus-pro-1b,janus-pro-7b,lumina-mgpt-7b-768"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=REAL)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument("--images", type=int, default=16, help="images sampled in one batch")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the models left after this")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA GPU here; skipping (use --device cpu with tiny models to dry-run)")
+        return 0
+    started, rows = time.perf_counter(), []
+    for name in args.models.split(","):
+        if time.perf_counter() - started > args.budget_s:
+            print(f"gpu_smoke: over the {args.budget_s:.0f} s budget, skipping {name}")
+            continue
+        rows.append(measure(name, device, args))
+        print(json.dumps(rows[-1]), flush=True)
+        release(device)
+    print_table(rows, device, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": describe(device), "rows": rows}, f, indent=2)
+    return 0
+
+
+def measure(name: str, device: torch.device, args) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    paper = PRESETS["paper"]["student"]
+    start = time.perf_counter()
+    backend = STUDENTS.create(name)
+    backend.load(device, ModelSource(f"random:{name}"))
+    built_s = time.perf_counter() - start
+    params = sum(p.numel() for p in backend.model.parameters())
+    peft_model = get_peft_model(
+        backend.model,
+        LoraConfig(r=paper["rank"], lora_alpha=paper["rank"], target_modules=backend.lora_target_modules),
+    )
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    lora_parameters = sum(p.numel() for p in lora)
+    for p in lora:
+        p.data = p.data.float()
+    backend.train_mode(gradient_checkpointing=device.type == "cuda")
+    batch, micro = paper["batch_size"], paper["micro_batch_size"]
+    codes = torch.randint(0, backend.code_ids.numel(), (batch, backend.block.num_codes))
+    prompts = [f"a sks dog, photo {i}" for i in range(batch)]
+
+    def train_step(optimizer: torch.optim.Optimizer) -> int:
+        tokens = 0
+        for first in range(0, batch, micro):
+            inputs = backend.tokenize(
+                prompts[first : first + micro], [False] * len(prompts[first : first + micro])
+            )
+            (backend.nll(inputs, codes[first : first + micro]) * micro / batch).backward()
+            tokens += (
+                inputs["input_ids"].numel()
+                + codes[first : first + micro].shape[0] * backend.block.template.numel()
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    optimizer = torch.optim.AdamW(lora, lr=1e-4)
+    train_step(optimizer)
+    synchronize(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    tokens = sum(train_step(optimizer) for _ in range(args.steps))
+    synchronize(device)
+    train_s = time.perf_counter() - start
+    train_peak = peak_gib(device)
+    flops = 4 * per_token_parameters(backend) * tokens / train_s
+
+    backend.model = peft_model.unload().eval()
+    del optimizer, lora
+    release(device)
+    reset_peak(device)
+    sample_prompts = [f"a sks dog in scene {i}" for i in range(args.images)]
+    synchronize(device)
+    start = time.perf_counter()
+    sampled = backend.sample_codes(sample_prompts, list(range(args.images)), batch_size=args.images)
+    synchronize(device)
+    sample_s = time.perf_counter() - start
+    start = time.perf_counter()
+    images = backend.decode_images(sampled)
+    synchronize(device)
+    decode_s = time.perf_counter() - start
+    return {
+        "model": name,
+        "parameters": params,
+        "lora_parameters": lora_parameters,
+        "build_s": round(built_s, 1),
+        "train_tokens_per_s": round(tokens / train_s),
+        "mfu": round(flops / (args.peak_tflops * 1e12), 4),
+        "train_peak_gib": train_peak,
+        "batch": f"{batch} x {backend.block.template.numel()} tokens (micro-batch {micro})",
+        "sample_tokens_per_s": round(args.images * backend.block.num_codes / sample_s, 1),
+        "s_per_image": round((sample_s + decode_s) / args.images, 3),
+        "sample_peak_gib": peak_gib(device),
+        "image_size": images[0].size[0],
+        "sampling": str(backend.sampling),
+    }
+
+
+def per_token_parameters(backend) -> int:
+    """Parameters of the decoder layers and of the head every position goes through."""
+    layers = sum(p.numel() for n, p in backend.transformer().named_parameters() if n.startswith("layers."))
+    return layers + sum(p.numel() for p in backend.head().parameters())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"CPU (torch {torch.__version__})"
+
+
+def print_table(rows: list[dict], device: torch.device, args) -> None:
+    print(f"\n{describe(device)}; paper preset student LoRA; sampling {args.images} images with CFG\n")
+    columns = ["model", "params", "LoRA params", "train tokens/s", "MFU", "train peak GiB"]
+    columns += ["sample tokens/s", "s/image", "sample peak GiB"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['lora_parameters'] / 1e6:.1f}M | "
+            f"{r['train_tokens_per_s']:,} | {r['mfu']:.1%} | {r['train_peak_gib']} | "
+            f"{r['sample_tokens_per_s']:,} | {r['s_per_image']} | {r['sample_peak_gib']} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

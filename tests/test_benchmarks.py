@@ -1,0 +1,41 @@
+"""The benchmarks run as scripts and print what they promise (ratios, the GPU table)."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
+    return done.stdout
+
+
+def test_the_sampling_benchmark_checks_both_loops_agree_and_prints_its_ratio():
+    out = run("benchmarks/sampling.py", "--student", "tiny-lumina", "--images", "4").strip().splitlines()
+    assert "codes equal between the loops: 100.0%" in out
+    assert re.fullmatch(r"speed-up: \d+\.\d\dx", out[-1])
+    assert float(out[-1].split()[1][:-1]) > 1.0
+
+
+def test_the_gpu_smoke_skips_without_a_gpu_and_dry_runs_on_tiny_models():
+    assert "no CUDA GPU here; skipping" in run("benchmarks/gpu_smoke.py")
+    out = run(
+        "benchmarks/gpu_smoke.py",
+        "--device",
+        "cpu",
+        "--models",
+        "tiny-janus,tiny-lumina",
+        "--steps",
+        "1",
+        "--images",
+        "2",
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| tiny-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| tiny-janus", "| tiny-lumina"]
+    assert (
+        "8 x 274 tokens (micro-batch 4)" in out
+    )  # tiny-lumina: 16 rows of 16 codes + end-of-line, 2 end tokens
