@@ -5,4 +5,4 @@ Override at compile time with `PROXYTUNE_IMAGE=registry/proxytune:tag proxytune 
 
 import os
 
-BASE_IMAGE = os.environ.get("PROXYTUNE_IMAGE", "ghcr.io/proxytune/proxytune:0.1.0")
+BASE_IMAGE = os.environ.get("PROXYTUNE_IMAGE", "ghcr.io/proxytune/proxytune:0.2.0")

@@ -1,3 +1,3 @@
 """proxytune: Proxy-Tuning of autoregressive image generators (see README.md)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
