@@ -29,8 +29,8 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
 
 
 def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """Images -> float tensor (N, 3, size, size) in [-1, 1]."""
-    arrays = [np.asarray(center_square(im.convert("RGB"), size), dtype=np.float32) for im in images]
+    """Images -> float tensor (N, 3, size, size) in [-1, 1]; transparency blended on white."""
+    arrays = [np.asarray(center_square(normalize_rgb(im), size), dtype=np.float32) for im in images]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch / 127.5 - 1.0
 

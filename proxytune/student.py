@@ -59,6 +59,7 @@ def token_cache(
             "revision": source.revision,
             "resolution": backend.resolution,
             "encoding": backend.encoding,
+            "vq": source.vq,
             "proxy": proxy_key,
             "files": [r.file for r in records],
         }
@@ -193,7 +194,8 @@ def tune_student(
 def load_student(
     adapter_dir: str | Path, device: torch.device | None = None
 ) -> tuple[ARStudent, AdapterCard]:
-    """Base student + the LoRA in `adapter_dir` (merged, for fast sampling)."""
+    """Base student + the LoRA in `adapter_dir`, left unmerged: merging into bf16 weights would
+    round small adapter deltas away (sampling pays a few percent for the extra matmuls)."""
     from peft import PeftModel
 
     card = read_adapter_card(adapter_dir, "student")
@@ -204,5 +206,5 @@ def load_student(
         tuned = PeftModel.from_pretrained(backend.model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"{adapter_dir}: the adapter does not fit {card.backend}: {error}") from None
-    backend.model = tuned.merge_and_unload().eval()
+    backend.model = tuned.base_model.model.eval()
     return backend, card

@@ -1,5 +1,6 @@
 """The benchmarks run as scripts and print what they promise (ratios, the GPU table)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -39,3 +40,6 @@ def test_the_gpu_smoke_skips_without_a_gpu_and_dry_runs_on_tiny_models():
     assert (
         "8 x 274 tokens (micro-batch 4)" in out
     )  # tiny-lumina: 16 rows of 16 codes + end-of-line, 2 end tokens
+    checks = [json.loads(line) for line in out.splitlines() if line.startswith('{"check"')]
+    assert [c["fast_equals_reference"] for c in checks] == [1.0, 1.0]
+    assert all(c["finite"] and c["padded_loss_error"] < 1e-4 for c in checks)

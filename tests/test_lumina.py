@@ -186,3 +186,17 @@ def test_decoding_upsamples_sixteen_times(lumina):
     with torch.no_grad():
         pixels = lumina.decode_codes(codes)
     assert pixels.shape == (2, 3, 256, 256) and pixels.dtype == torch.float32
+
+
+def test_sampling_sees_a_head_changed_in_place(lumina):
+    hidden = torch.randn(1, 64)
+    before = lumina.code_logits(hidden)
+    head = lumina.model.lm_head.weight
+    with torch.no_grad():
+        head[lumina.code_ids[0]] += 1.0
+    try:
+        after = lumina.code_logits(hidden)
+        assert torch.allclose(after[0, 1:], before[0, 1:]) and not torch.allclose(after[0, 0], before[0, 0])
+    finally:
+        with torch.no_grad():
+            head[lumina.code_ids[0]] -= 1.0

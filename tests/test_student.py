@@ -309,3 +309,19 @@ def test_one_student_learns_several_subjects_each_by_its_identifier(
 def test_subjects_sharing_an_identifier_cannot_train_one_student(proxy_dir, params, tmp_path):
     with pytest.raises(ValueError, match="one identifier per subject"):
         tune_student([proxy_dir, proxy_dir], tmp_path / "joint", params.student, device=CPU)
+
+
+def test_prompt_batches_pad_to_a_fixed_multiple_so_neighbours_rarely_matter(janus):
+    short = janus.tokenize(["a"], [False])["attention_mask"]
+    mixed = janus.tokenize(["a", "a somewhat longer prompt"], [False, False])["attention_mask"]
+    assert short.shape[1] % 64 == 0 and mixed.shape[1] == short.shape[1]
+    assert torch.equal(mixed[0], short[0])
+
+
+def test_transparent_proxy_images_are_encoded_as_on_white():
+    from PIL import Image
+
+    from proxytune.images import to_tensor
+
+    clear = Image.new("RGBA", (8, 8), (10, 200, 30, 0))
+    assert torch.equal(to_tensor([clear], 8), torch.ones(1, 3, 8, 8))

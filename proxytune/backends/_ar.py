@@ -39,6 +39,7 @@ from proxytune.sampling import Sampling, code_distribution, draw, seed_uniforms
 
 log = logging.getLogger(__name__)
 LOSS_CHUNK = 256  # positions per cross-entropy chunk
+PAD_MULTIPLE = 64  # prompt batches are left-padded to a multiple of this
 RANDOM_PREFIX = "random:"
 
 
@@ -127,7 +128,7 @@ def _repeat_rows(model: torch.nn.Module, stored: dict[str, torch.Tensor]) -> Non
                 f"{key}: stored {tuple(value.shape)} cannot be repeated to {tuple(target.shape)}"
             )
         with torch.no_grad():
-            target.copy_(value.repeat(target.shape[0] // value.shape[0], *[1] * (value.dim() - 1)))
+            target.copy_(value.repeat_interleave(target.shape[0] // value.shape[0], dim=0))
 
 
 def _commit(path: str, revision: str | None) -> str | None:
@@ -268,12 +269,17 @@ class ARStudent(ABC):
         self.transformer().train()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """bf16 autocast on GPU for bf16 weights; fp32 weights (a check, a CPU run) stay exact."""
+        enabled = self.device.type == "cuda" and self.model.dtype == torch.bfloat16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def tokenize(self, prompts: Sequence[str], unconditional: Sequence[bool]) -> dict[str, torch.Tensor]:
-        """Left-padded prompt ids and attention mask, ready to be followed by image codes."""
+        """Left-padded prompt ids and attention mask, ready to be followed by image codes.
+
+        The width is rounded up to a multiple of `PAD_MULTIPLE`, so a prompt's padding (and the
+        bf16 rounding that goes with it) rarely depends on its batch neighbours."""
         rows = [self.prompt_ids(p, u) for p, u in zip(prompts, unconditional, strict=True)]
-        width = max(map(len, rows))
+        width = -(-max(map(len, rows)) // PAD_MULTIPLE) * PAD_MULTIPLE
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -345,11 +351,14 @@ class ARStudent(ABC):
         return self.tokenize(list(prompts) * (2 if sampling.guided else 1), unconditional)
 
     def _sample_batch(self, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling) -> torch.Tensor:
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
         n, steps = len(prompts), self.block.num_codes
         inputs = self._branches(prompts, sampling)
-        mask, cache = inputs["attention_mask"], DynamicCache()
+        mask = inputs["attention_mask"]
+        # one allocation for the whole image (a growing cache would copy itself every step)
+        length = mask.shape[1] + self.block.template.numel()
+        cache = StaticCache(config=self.transformer().config, max_cache_len=length)
         uniforms = seed_uniforms(seeds, steps, self.device)
         codes = torch.zeros((n, steps), dtype=torch.long, device=self.device)
         template = self.block.template.to(self.device)
@@ -377,15 +386,18 @@ class ARStudent(ABC):
         sampling = sampling or self.sampling
         steps = self.block.num_codes
         uniforms = seed_uniforms([seed], steps, self.device)
-        branches = [self.tokenize([prompt], [u]) for u in ([False, True] if sampling.guided else [False])]
+        branches = [
+            torch.tensor([self.prompt_ids(prompt, u)], device=self.device)  # unpadded
+            for u in ([False, True] if sampling.guided else [False])
+        ]
         codes = torch.zeros((1, steps), dtype=torch.long, device=self.device)
         positions = self.block.code_positions.tolist()
         with self.autocast():
             for t in range(steps):
                 block = self.block.fill(self.code_ids[codes])[:, : positions[t]]
                 logits = []
-                for inputs in branches:
-                    embeds = torch.cat([self.embed_prompt(inputs["input_ids"]), self.embed_block(block)], 1)
+                for ids in branches:
+                    embeds = torch.cat([self.embed_prompt(ids), self.embed_block(block)], 1)
                     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
                     logits.append(self.code_logits(self._run(embeds, mask)[:, -1]))
                 probs = code_distribution(logits[0], logits[1] if sampling.guided else None, sampling)

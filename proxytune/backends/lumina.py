@@ -166,7 +166,9 @@ class LuminaStudent(ARStudent):
         self.block = ImageBlock(
             side, side, end_of_row=(end_of_line,), end=(self.end_of_image, self.separator)
         )
-        self.bos_id, self.pad_id = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
+        self.bos_id = self.tokenizer.bos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.bos_id if pad is None else pad  # padding is always masked out
 
     def save(self, folder: str | Path) -> None:
         """The release's layout: sharded safetensors with per-shard q/k norms, the tokenizer,
@@ -209,9 +211,10 @@ class LuminaStudent(ARStudent):
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the 8192 image-token rows only: 8x less work than the whole vocabulary."""
         weight = self.model.lm_head.weight
-        if getattr(self, "_code_rows", (None,))[0] is not weight:
-            self._code_rows = (weight, weight[self.code_ids])
-        return F.linear(hidden, self._code_rows[1])
+        cached = getattr(self, "_code_rows", None)
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:  # changed in place
+            self._code_rows = (weight, weight._version, weight[self.code_ids])
+        return F.linear(hidden, self._code_rows[2])
 
     def vq_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
