@@ -11,7 +11,7 @@ this module holds what that loop and its slow reference share:
   order, as transformers' logits processors apply them), as probabilities.
 - `draw` with `seed_uniforms`: inverse-CDF sampling from one uniform per code and image,
   drawn up front from the image's own generator, so image i depends only on its prompt and
-  seed, whatever else is in the batch.
+  seed, whatever else is in the batch (exactly in fp32; in bf16 up to kernel rounding).
 """
 
 from __future__ import annotations
