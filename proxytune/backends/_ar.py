@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from proxytune.backends._base import ModelSource, training_dtype
 from proxytune.images import to_pil
@@ -190,7 +191,8 @@ class ARStudent(ABC):
     block: ImageBlock
     code_ids: torch.Tensor  # (C,) block-vocabulary id of each code
     pad_id: int  # left padding, always masked out
-    revision: str | None = None
+    revision: str | None = None  # the resolved commit of the loaded weights, where known
+    loaded_source: ModelSource  # what `load` loaded, revision resolved (recorded in adapter cards)
 
     def __init__(self, name: str, source: ModelSource):
         self.name, self.source = name, source
@@ -365,7 +367,9 @@ class ARStudent(ABC):
         bounds = [*self.block.code_positions.tolist(), template.numel()]
         with self.autocast():
             hidden = self._run(self.embed_prompt(inputs["input_ids"]), mask, cache)[:, -1]
-            for t in range(steps):
+            for t in tqdm(
+                range(steps), desc="image tokens", leave=False, mininterval=2.0, disable=steps < 1024
+            ):
                 logits = self.code_logits(hidden)
                 probs = code_distribution(logits[:n], logits[n:] if sampling.guided else None, sampling)
                 codes[:, t] = draw(probs, uniforms[:, t])
