@@ -22,21 +22,31 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SupervisorParams(_Params):
+class TrainingParams(_Params):
+    """What every LoRA training run takes (supervisor and student share the loop)."""
+
+    steps: int = Field(40, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, then a constant learning rate")
+    rank: int = Field(4, gt=0)
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: equal to rank")
+    batch_size: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between checkpoints in the object store (0: none); a re-run resumes"
+    )
+    checkpoints_kept: int = Field(2, gt=0, description="the newest checkpoints kept")
+
+
+class SupervisorParams(TrainingParams):
     """DreamBooth-LoRA on the diffusion supervisor."""
 
     backend: str = "tiny-sd"
     model_source: str | None = Field(
         None, description="hub id, folder or s3:// prefix; default: the backend's"
     )
-    steps: int = Field(40, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    rank: int = Field(4, gt=0)
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: equal to rank")
-    batch_size: int = Field(1, gt=0)
     resolution: int | None = Field(None, gt=0, description="training size; default: the backend's")
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
 
     _check_backend = field_validator("backend")(lambda v: SUPERVISORS.check(v))
 
@@ -66,7 +76,7 @@ class ProxyParams(_Params):
         return value
 
 
-class StudentParams(_Params):
+class StudentParams(TrainingParams):
     """LoRA on the AR student, trained on the proxy dataset only."""
 
     backend: str = "tiny-janus"
@@ -78,10 +88,7 @@ class StudentParams(_Params):
         description="Lumina-mGPT: the Chameleon VQGAN converted by `proxytune convert-vqgan` "
         "(folder, hub id or s3:// prefix); default: the vqgan/ folder beside the model",
     )
-    steps: int = Field(40, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
     rank: int = Field(8, gt=0)
-    alpha: float | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     micro_batch_size: int = Field(
         4, gt=0, description="images per forward pass; gradients accumulate over the batch"
@@ -91,8 +98,6 @@ class StudentParams(_Params):
         0.1, gt=0.0, lt=1.0, description="share of each proxy dataset never trained on (held-out loss)"
     )
     gradient_checkpointing: bool | None = Field(None, description="activation checkpointing; default: on GPU")
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
 
     _check_backend = field_validator("backend")(lambda v: STUDENTS.check(v))
 

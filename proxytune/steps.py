@@ -83,13 +83,14 @@ def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext
 def tune_supervisor_step(
     subject_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
 ) -> dict[str, Any]:
+    from proxytune.storage import store_from_env
     from proxytune.supervisor import tune_supervisor
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
     subject = Subject.read(Path(subject_dir) / SUBJECT_FILE).name
     with stage_run(tracking, "tune_supervisor", subject=subject) as tracker:
-        card = tune_supervisor(subject_dir, out_dir, params.supervisor, tracker)
+        card = tune_supervisor(subject_dir, out_dir, params.supervisor, tracker, store=store_from_env())
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
 

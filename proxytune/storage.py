@@ -45,6 +45,14 @@ class ObjectStore(ABC):
     def list(self, prefix: str) -> list[str]:
         """All keys under `prefix` (recursive), sorted."""
 
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; removing an absent one is not an error."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix.rstrip("/") + "/"):
+            self.delete(key)
+
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         self.put_bytes(key, Path(path).read_bytes())
 
@@ -99,6 +107,9 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix.strip("/") else self.root
@@ -176,6 +187,9 @@ class MinioStore(ObjectStore):
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._key(key))
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix) + ("/" if prefix.endswith("/") else "")

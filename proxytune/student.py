@@ -188,7 +188,9 @@ def tune_student(
         peft_model.save_pretrained(str(folder), safe_serialization=True)
         return [ADAPTER_WEIGHTS, "adapter_config.json"]
 
-    return tune_adapter(spec, params, trainable, batch_loss, eval_losses, save_weights, out_dir, tracker)
+    return tune_adapter(
+        spec, params, trainable, batch_loss, eval_losses, save_weights, out_dir, tracker, store
+    )
 
 
 def load_student(

@@ -12,9 +12,10 @@ from proxytune.backends._base import ModelSource, SupervisorBackend, default_dev
 from proxytune.config import SupervisorParams
 from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
 from proxytune.images import to_tensor
-from proxytune.ingest import load_subject
+from proxytune.ingest import load_subject, subject_key
 from proxytune.prompts import INSTANCE_TEMPLATE, fill
 from proxytune.registry import SUPERVISORS
+from proxytune.storage import ObjectStore
 from proxytune.tracking import Tracker
 from proxytune.training import AdapterSpec, fixed_loss, tune_adapter
 
@@ -28,8 +29,10 @@ def tune_supervisor(
     params: SupervisorParams,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
+    store: ObjectStore | None = None,
 ) -> AdapterCard:
-    """DreamBooth-LoRA on `a {identifier} {class_noun}`; writes the adapter to `out_dir`."""
+    """DreamBooth-LoRA on `a {identifier} {class_noun}`; writes the adapter to `out_dir`.
+    With a `store`, training checkpoints there and a re-run resumes."""
     tracker = tracker or Tracker()
     subject, photos = load_subject(subject_dir)
     backend: SupervisorBackend = SUPERVISORS.create(params.backend)
@@ -39,7 +42,12 @@ def tune_supervisor(
     resolution = params.resolution or backend.resolution
     backend.resolution = resolution
     alpha = params.alpha or float(params.rank)
-    recorded = {**params.model_dump(), "resolution": resolution, "alpha": alpha}
+    recorded = {
+        **params.model_dump(),
+        "resolution": resolution,
+        "alpha": alpha,
+        "subject_key": subject_key(subject),
+    }
     tracker.log_params({**recorded, "photos": len(photos)})
 
     latents = backend.encode_images(to_tensor(photos, resolution))
@@ -71,6 +79,7 @@ def tune_supervisor(
         lambda folder: backend.save_lora(str(folder)),
         out_dir,
         tracker,
+        store,
     )
 
 
