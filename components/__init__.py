@@ -1,5 +1,25 @@
 """KFP components of the Proxy-Tuning pipeline (see `components.stages`)."""
 
-from components.stages import evaluate, generate_proxy, ingest, plan, register, tune_student, tune_supervisor
+from components.stages import (
+    evaluate,
+    generate_proxy,
+    ingest,
+    merge_proxy,
+    plan,
+    proxy_shards,
+    register,
+    tune_student,
+    tune_supervisor,
+)
 
-__all__ = ["evaluate", "generate_proxy", "ingest", "plan", "register", "tune_student", "tune_supervisor"]
+__all__ = [
+    "evaluate",
+    "generate_proxy",
+    "ingest",
+    "merge_proxy",
+    "plan",
+    "proxy_shards",
+    "register",
+    "tune_student",
+    "tune_supervisor",
+]

@@ -74,8 +74,17 @@ def tune_supervisor(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def proxy_shards(preset: str, overrides: dict) -> list:
+    """The proxy generation shards to fan out over: [0, ..., proxy.shards - 1]."""
+    from proxytune.steps import proxy_shards_step
+
+    return proxy_shards_step(preset, overrides)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def generate_proxy(
     supervisor: Input[Model],
+    shard: int,
     preset: str,
     overrides: dict,
     mlflow_tracking_uri: str,
@@ -84,12 +93,22 @@ def generate_proxy(
     kfp_run_name: str,
     proxy: Output[Dataset],
 ):
-    """The tuned supervisor generates the proxy Dataset (resumable, reused by content key)."""
+    """The tuned supervisor draws one shard of the proxy Dataset (resumable, reused by content key)."""
     from proxytune.steps import generate_proxy_step
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    proxy.metadata.update(generate_proxy_step(supervisor.path, proxy.path, preset, overrides, tracking))
+    proxy.metadata.update(
+        generate_proxy_step(supervisor.path, proxy.path, shard, preset, overrides, tracking)
+    )
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def merge_proxy(parts: Input[list[Dataset]], proxy: Output[Dataset]):
+    """The shards of a proxy Dataset joined into one, as an unsharded run draws it."""
+    from proxytune.steps import merge_proxy_step
+
+    proxy.metadata.update(merge_proxy_step([part.path for part in parts], proxy.path))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -1,11 +1,13 @@
-"""The Proxy-Tuning pipeline: plan -> per subject (ingest -> tune_supervisor -> generate_proxy)
--> tune_student on all proxy datasets -> evaluate -> register.
+"""The Proxy-Tuning pipeline: plan -> per subject (ingest -> tune_supervisor -> generate_proxy
+in `proxy.shards` parts -> merge_proxy) -> tune_student on all proxy datasets -> evaluate ->
+register.
 
 One subject is the usual run (the Kubeflow UI asks for its URI and class noun);
 `extra_subjects` adds more, each `{"uri", "class_noun", "name"?, "identifier"?}`, for a
-multi-subject student. `plan` validates everything before any GPU step and the per-subject
-stages fan out as a ParallelFor (one pod per subject and stage); the student and the
-evaluation take the collected datasets.
+multi-subject student. `plan` validates everything before any GPU step. The per-subject
+stages are a sub-pipeline in a ParallelFor over subjects, and inside it proxy generation is
+a ParallelFor over shards, each shard on its own GPU pod drawing a disjoint block of image
+indices (and so of seeds); the student and the evaluation take the collected datasets.
 
 Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
 - GPU steps request one `nvidia.com/gpu`, tolerate the GPU node pool's taint, mount a
@@ -20,9 +22,19 @@ Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
 from typing import NamedTuple
 
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import HTML, Metrics
+from kfp.dsl import HTML, Dataset, Metrics, Model
 
-from components import evaluate, generate_proxy, ingest, plan, register, tune_student, tune_supervisor
+from components import (
+    evaluate,
+    generate_proxy,
+    ingest,
+    merge_proxy,
+    plan,
+    proxy_shards,
+    register,
+    tune_student,
+    tune_supervisor,
+)
 
 PIPELINE_NAME = "proxy-tuning"
 CONFIG_MAP = "proxytune-config"
@@ -56,64 +68,112 @@ def _platform(task: dsl.PipelineTask, gpu: bool) -> dsl.PipelineTask:
     return task
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="Proxy-Tuning: DreamBooth-LoRA a diffusion supervisor on a subject, generate proxy images, "
-    "LoRA-tune an AR student on them, evaluate both and register the student in MLflow.",
-)
-def proxy_tuning(
-    subject_uri: str,
-    class_noun: str,
-    subject_name: str = "",
-    identifier: str = "sks",
-    extra_subjects: list = [],  # noqa: B006 (KFP needs a literal default)
-    preset: str = "tiny",
-    overrides: dict = {},  # noqa: B006 (KFP needs a literal default)
-    mlflow_tracking_uri: str = "",
-    mlflow_experiment: str = "proxytune",
-    registered_model_name: str = "",
-) -> Outputs:
-    tracking = {
+class SubjectOutputs(NamedTuple):
+    subject: Dataset
+    supervisor: Model
+    proxy: Dataset
+
+
+def build(parallelism: int | None = None):
+    """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
+    once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
+    runs them in turn (KFP fixes loop parallelism when the pipeline is defined)."""
+
+    @dsl.pipeline(name=f"{PIPELINE_NAME}-subject", description="One subject: photos, supervisor, proxy data.")
+    def subject_stages(
+        planned: dict, preset: str, overrides: dict, mlflow_tracking_uri: str, mlflow_experiment: str
+    ) -> SubjectOutputs:
+        tracking = _tracking(mlflow_tracking_uri, mlflow_experiment)
+        run = {"preset": preset, "overrides": overrides, **tracking}
+        subject = ingest(planned=planned, **tracking)
+        supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
+        shards = proxy_shards(preset=preset, overrides=overrides)
+        with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
+            part = generate_proxy(supervisor=supervisor.outputs["supervisor"], shard=shard, **run)
+        proxy = merge_proxy(parts=dsl.Collected(part.outputs["proxy"]))
+        for task in (subject, shards, proxy):
+            _platform(task, gpu=False)
+        for task in (supervisor, part):
+            _platform(task, gpu=True)
+        return SubjectOutputs(
+            subject=subject.outputs["subject"],
+            supervisor=supervisor.outputs["supervisor"],
+            proxy=proxy.outputs["proxy"],
+        )
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Proxy-Tuning: DreamBooth-LoRA a diffusion supervisor on a subject, generate proxy "
+        "images, LoRA-tune an AR student on them, evaluate both and register the student in MLflow.",
+    )
+    def proxy_tuning(
+        subject_uri: str,
+        class_noun: str,
+        subject_name: str = "",
+        identifier: str = "sks",
+        extra_subjects: list = [],  # noqa: B006 (KFP needs a literal default)
+        preset: str = "tiny",
+        overrides: dict = {},  # noqa: B006 (KFP needs a literal default)
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "proxytune",
+        registered_model_name: str = "",
+    ) -> Outputs:
+        tracking = _tracking(mlflow_tracking_uri, mlflow_experiment)
+        run = {"preset": preset, "overrides": overrides, **tracking}
+        subjects = plan(
+            subject_uri=subject_uri,
+            class_noun=class_noun,
+            subject_name=subject_name,
+            identifier=identifier,
+            extra_subjects=extra_subjects,
+            preset=preset,
+            overrides=overrides,
+            **tracking,
+        )
+        with dsl.ParallelFor(subjects.output, parallelism=parallelism) as planned:
+            stages = subject_stages(
+                planned=planned,
+                preset=preset,
+                overrides=overrides,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                mlflow_experiment=mlflow_experiment,
+            )
+        student = tune_student(proxies=dsl.Collected(stages.outputs["proxy"]), **run)
+        scores = evaluate(
+            subjects=dsl.Collected(stages.outputs["subject"]),
+            supervisors=dsl.Collected(stages.outputs["supervisor"]),
+            student=student.outputs["student"],
+            **run,
+        )
+        registration = register(
+            student=student.outputs["student"],
+            samples=scores.outputs["samples"],
+            registered_model_name=registered_model_name,
+            **tracking,
+        ).set_caching_options(False)
+        for task in (subjects, registration):
+            _platform(task, gpu=False)
+        for task in (student, scores):
+            _platform(task, gpu=True)
+        return Outputs(
+            registration=registration.output,
+            metrics=scores.outputs["metrics"],
+            report=scores.outputs["report"],
+        )
+
+    return proxy_tuning
+
+
+def _tracking(mlflow_tracking_uri: str, mlflow_experiment: str) -> dict:
+    return {
         "mlflow_tracking_uri": mlflow_tracking_uri,
         "mlflow_experiment": mlflow_experiment,
         "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     }
-    run = {"preset": preset, "overrides": overrides, **tracking}
-    subjects = plan(
-        subject_uri=subject_uri,
-        class_noun=class_noun,
-        subject_name=subject_name,
-        identifier=identifier,
-        extra_subjects=extra_subjects,
-        preset=preset,
-        overrides=overrides,
-        **tracking,
-    )
-    with dsl.ParallelFor(subjects.output) as planned:
-        subject = ingest(planned=planned, **tracking)
-        supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
-        proxy = generate_proxy(supervisor=supervisor.outputs["supervisor"], **run)
-    student = tune_student(proxies=dsl.Collected(proxy.outputs["proxy"]), **run)
-    scores = evaluate(
-        subjects=dsl.Collected(subject.outputs["subject"]),
-        supervisors=dsl.Collected(supervisor.outputs["supervisor"]),
-        student=student.outputs["student"],
-        **run,
-    )
-    registration = register(
-        student=student.outputs["student"],
-        samples=scores.outputs["samples"],
-        registered_model_name=registered_model_name,
-        **tracking,
-    ).set_caching_options(False)
-    for task in (subjects, subject, registration):
-        _platform(task, gpu=False)
-    for task in (supervisor, proxy, student, scores):
-        _platform(task, gpu=True)
-    return Outputs(
-        registration=registration.output, metrics=scores.outputs["metrics"], report=scores.outputs["report"]
-    )
+
+
+proxy_tuning = build()
 
 
 def compile_pipeline(path: str) -> str:

@@ -22,6 +22,17 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_template(value: str, field: str) -> str:
+    """A prompt template that names the subject: {identifier}, optionally {class_noun}."""
+    try:
+        value.format(identifier="sks", class_noun="dog")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{field} may use only {{identifier}} and {{class_noun}}: {error}") from None
+    if "{identifier}" not in value:
+        raise ValueError(f"{field} must contain {{identifier}}")
+    return value
+
+
 class TrainingParams(_Params):
     """What every LoRA training run takes (supervisor and student share the loop)."""
 
@@ -59,21 +70,28 @@ class ProxyParams(_Params):
     inference_steps: int = Field(10, gt=0)
     guidance_scale: float = Field(5.0, ge=1.0)
     prompt_template: str = INSTANCE_TEMPLATE
-    shard_size: int = Field(1000, gt=0)
+    prompt_bank: list[str] = Field(
+        [], description="more prompt templates; image i uses ([prompt_template] + bank)[i mod its length]"
+    )
+    shards: int = Field(1, gt=0, le=256, description="generation tasks, each on its own GPU pod")
+    shard_size: int = Field(1000, gt=0, description="images per folder of the dataset (shard-NNNNN/)")
     seed: int = 0
 
     @field_validator("prompt_template")
     @classmethod
     def _template_names_subject(cls, value: str) -> str:
-        try:
-            value.format(identifier="sks", class_noun="dog")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(
-                f"prompt_template may use only {{identifier}} and {{class_noun}}: {error}"
-            ) from None
-        if "{identifier}" not in value:
-            raise ValueError("prompt_template must contain {identifier}")
-        return value
+        return check_template(value, "prompt_template")
+
+    @field_validator("prompt_bank")
+    @classmethod
+    def _bank_names_subject(cls, values: list[str]) -> list[str]:
+        return [check_template(v, f"prompt_bank[{i}]") for i, v in enumerate(values)]
+
+    @model_validator(mode="after")
+    def _every_shard_draws(self) -> ProxyParams:
+        if self.shards > self.num_images:
+            raise ValueError(f"shards: {self.shards} shards for {self.num_images} images leave some empty")
+        return self
 
 
 class StudentParams(TrainingParams):

@@ -128,6 +128,7 @@ class ProxyRecord(_Contract):
     seed: int
     supervisor: str
     scores: dict[str, float] | None = None
+    evaluation_prompt: bool | None = None  # True: the prompt is a DreamBench evaluation prompt
 
 
 class ProxyInfo(_Contract):
@@ -140,4 +141,5 @@ class ProxyInfo(_Contract):
     supervisor: str
     params: dict[str, Any]
     num_images: int
+    part: list[int] | None = None  # [shard, shards] of a sharded generation; None: the whole dataset
     complete: bool = False

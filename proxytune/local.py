@@ -71,7 +71,7 @@ def run_local(
     from kfp)."""
     from kfp import local
 
-    from pipelines.proxy_tuning import proxy_tuning
+    from pipelines.proxy_tuning import build
 
     overrides = overrides or {}
     workdir = Path(workdir).resolve()
@@ -102,7 +102,7 @@ def run_local(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
         )
         try:
-            task = proxy_tuning(
+            task = build(parallelism=1)(
                 subject_uri=first["uri"],
                 class_noun=first["class_noun"],
                 subject_name=first["name"],

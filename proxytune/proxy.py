@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from proxytune.backends._base import default_device
 from proxytune.config import ProxyParams
 from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecord, read_adapter_card
-from proxytune.fsutil import atomic_write_bytes, atomic_write_text, sha256_json
+from proxytune.fsutil import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_json
 from proxytune.images import png_bytes
-from proxytune.prompts import fill
+from proxytune.prompts import dreambench_prompts, fill
 from proxytune.storage import ObjectStore, join
 from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
@@ -51,6 +51,33 @@ def write_manifest(dataset_dir: Path, records: list[ProxyRecord]) -> str:
     return text
 
 
+def part_indices(num_images: int, shards: int, shard: int) -> range:
+    """The contiguous block of image indices that generation shard `shard` of `shards` draws."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not one of 0..{shards - 1}")
+    return range(shard * num_images // shards, (shard + 1) * num_images // shards)
+
+
+def part_manifest(shard: int, shards: int) -> str:
+    """Where a part's progress is mirrored in the store (the merged manifest is MANIFEST_FILE)."""
+    return f"parts/{shard:03d}-of-{shards:03d}.jsonl"
+
+
+def proxy_prompts(params: ProxyParams, identifier: str, class_noun: str) -> tuple[list[str], set[str]]:
+    """The prompts image i cycles through, and those that are DreamBench evaluation prompts
+    (training on those would flatter the student's evaluation)."""
+    prompts = [fill(t, identifier, class_noun) for t in [params.prompt_template, *params.prompt_bank]]
+    evaluation = {_normal(fill(t, identifier, class_noun)) for t in dreambench_prompts(class_noun)}
+    overlapping = {p for p in prompts if _normal(p) in evaluation}
+    for prompt in sorted(overlapping):
+        log.warning("proxy prompt %r is a DreamBench evaluation prompt; marked in the manifest", prompt)
+    return prompts, overlapping
+
+
+def _normal(prompt: str) -> str:
+    return " ".join(prompt.lower().split())
+
+
 def generate_proxy(
     supervisor_dir: str | Path,
     out_dir: str | Path,
@@ -58,13 +85,18 @@ def generate_proxy(
     store: ObjectStore | None = None,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
+    shard: int = 0,
 ) -> ProxyInfo:
-    """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`."""
+    """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`,
+    or with `params.shards` > 1 its part `shard` (images `part_indices(...)`), which
+    `merge_proxy` joins into the dataset an unsharded run gives for the same seeds."""
     tracker = tracker or Tracker()
     card = read_adapter_card(supervisor_dir, "supervisor")
     (subject,) = card.subjects
-    prompt = fill(params.prompt_template, subject.identifier, subject.class_noun)
-    recipe = params.model_dump(exclude={"batch_size"})
+    prompts, overlapping = proxy_prompts(params, subject.identifier, subject.class_noun)
+    recipe = params.model_dump(exclude={"batch_size", "shards"})
+    part = [shard, params.shards] if params.shards > 1 else None
+    indices = part_indices(params.num_images, params.shards, shard)
     info = ProxyInfo(
         key=sha256_json({"adapter": card.adapter_sha256, "base": card.base_model.model_dump(), **recipe}),
         subject=subject.name,
@@ -73,72 +105,119 @@ def generate_proxy(
         supervisor=f"{card.backend}@{card.adapter_sha256[:16]}",
         params=recipe,
         num_images=params.num_images,
+        part=part,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remote = join("proxy", info.key)
-    tracker.log_params({**params.model_dump(), "key": info.key, "supervisor": info.supervisor})
-    records = _resume(out, info, store, remote)
+    progress_key = join(remote, part_manifest(*part) if part else MANIFEST_FILE)
+    tracker.log_params(
+        {**params.model_dump(), "key": info.key, "supervisor": info.supervisor, "part": str(part)}
+    )
+    records = _resume(out, info, store, remote, progress_key)
     info.write(out / PROXY_FILE)
     done = {r.file for r in records}
-    missing = [i for i in range(params.num_images) if proxy_file(i, params.shard_size) not in done]
-    log.info("proxy dataset %s: %d of %d images present", info.key[:12], len(records), params.num_images)
+    missing = [i for i in indices if proxy_file(i, params.shard_size) not in done]
+    log.info("proxy dataset %s: %d of %d images present", info.key[:12], len(records), len(indices))
     if missing:
         backend, _ = load_supervisor(supervisor_dir, device or default_device())
         with tqdm(total=len(missing), desc="proxy images", unit="img", mininterval=2.0) as progress:
             for batch in _chunks(missing, params.batch_size):
                 seeds = [params.seed + i for i in batch]
-                images = backend.generate(
-                    [prompt] * len(batch), seeds, params.inference_steps, params.guidance_scale
-                )
-                new = _save_batch(out, batch, seeds, images, prompt, info.supervisor, params.shard_size)
+                batch_prompts = [prompts[i % len(prompts)] for i in batch]
+                images = backend.generate(batch_prompts, seeds, params.inference_steps, params.guidance_scale)
+                new = [
+                    ProxyRecord(
+                        file=proxy_file(i, params.shard_size),
+                        prompt=prompt,
+                        seed=seed,
+                        supervisor=info.supervisor,
+                        evaluation_prompt=True if prompt in overlapping else None,
+                    )
+                    for i, seed, prompt in zip(batch, seeds, batch_prompts, strict=True)
+                ]
+                for record, image in zip(new, images, strict=True):
+                    atomic_write_bytes(out / record.file, png_bytes(image))
                 records = sorted(records + new, key=lambda r: r.file)
                 manifest = write_manifest(out, records)
                 if store is not None:
                     for record in new:
                         store.put_file(join(remote, record.file), out / record.file)
-                    store.put_bytes(join(remote, MANIFEST_FILE), manifest.encode())
+                    store.put_bytes(progress_key, manifest.encode())
                 progress.update(len(batch))
                 tracker.log_metric("proxy_images", len(records), len(records))
-                log.info("proxy images: %d/%d", len(records), params.num_images)
+                log.info("proxy images: %d/%d", len(records), len(indices))
     info = info.model_copy(update={"complete": True})
     info.write(out / PROXY_FILE)
-    if store is not None:
+    if store is not None and part is None:
         store.put_file(join(remote, PROXY_FILE), out / PROXY_FILE)
     return info
 
 
-def _resume(out: Path, info: ProxyInfo, store: ObjectStore | None, remote: str) -> list[ProxyRecord]:
-    """Records already generated for this exact recipe, locally or in the store."""
+def merge_proxy(
+    part_dirs: list[str | Path], out_dir: str | Path, store: ObjectStore | None = None
+) -> ProxyInfo:
+    """Join the parts of a sharded proxy Dataset (or pass one unsharded dataset through).
+
+    Every part must be complete and of the same recipe, and together they must cover every
+    shard once; the result is the dataset an unsharded run draws for the same seeds."""
+    parts = [(Path(d), ProxyInfo.read(Path(d) / PROXY_FILE)) for d in part_dirs]
+    keys = {info.key for _, info in parts}
+    if len(keys) != 1:
+        raise ValueError(f"proxy parts of different datasets: {sorted(k[:12] for k in keys)}")
+    counts = {info.part[1] if info.part else 1 for _, info in parts}
+    seen = sorted(info.part[0] if info.part else 0 for _, info in parts)
+    if len(counts) != 1 or seen != list(range(counts.pop())):
+        raise ValueError(f"proxy parts cover shards {seen}: each shard must appear once")
+    incomplete = [str(d) for d, info in parts if not info.complete]
+    if incomplete:
+        raise ValueError(f"incomplete proxy parts: {incomplete}")
+    first = parts[0][1]
+    records = []
+    with atomic_directory(out_dir) as tmp:
+        for directory, _ in parts:
+            for record in read_manifest(directory):
+                (tmp / record.file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(directory / record.file, tmp / record.file)
+                records.append(record)
+        records.sort(key=lambda r: r.file)
+        if len(records) != first.num_images or len({r.file for r in records}) != len(records):
+            raise ValueError(f"proxy parts hold {len(records)} images for a dataset of {first.num_images}")
+        manifest = write_manifest(tmp, records)
+        info = first.model_copy(update={"part": None, "complete": True})
+        info.write(tmp / PROXY_FILE)
+    if store is not None and first.part:
+        remote = join("proxy", info.key)
+        store.put_bytes(join(remote, MANIFEST_FILE), manifest.encode())
+        store.put_file(join(remote, PROXY_FILE), Path(out_dir) / PROXY_FILE)
+    log.info("proxy dataset %s: %d images from %d part(s)", info.key[:12], len(records), len(parts))
+    return info
+
+
+def _index(record: ProxyRecord) -> int:
+    return int(Path(record.file).stem)
+
+
+def _resume(
+    out: Path, info: ProxyInfo, store: ObjectStore | None, remote: str, progress_key: str
+) -> list[ProxyRecord]:
+    """This part's records already generated for this exact recipe, locally or in the store
+    (from the merged dataset if one is complete there, else from this part's progress)."""
     if (out / PROXY_FILE).is_file() and ProxyInfo.read(out / PROXY_FILE).key != info.key:
         raise ValueError(f"{out} holds a different proxy dataset (other supervisor or settings)")
-    records = {r.file: r for r in read_manifest(out) if (out / r.file).is_file()}
-    if store is not None and store.exists(join(remote, MANIFEST_FILE)):
-        lines = store.get_bytes(join(remote, MANIFEST_FILE)).decode().splitlines()
-        for line in filter(str.strip, lines):
-            record = ProxyRecord.model_validate_json(line)
-            if record.file not in records:
-                store.get_file(join(remote, record.file), out / record.file)
-                records[record.file] = record
-        log.info("resumed %d proxy images from %s/%s", len(records), store.uri, remote)
+    shard, shards = info.part or (0, 1)
+    mine = part_indices(info.num_images, shards, shard)
+    records = {r.file: r for r in read_manifest(out) if (out / r.file).is_file() and _index(r) in mine}
+    if store is not None:
+        key = join(remote, MANIFEST_FILE) if store.exists(join(remote, PROXY_FILE)) else progress_key
+        if store.exists(key):
+            for line in filter(str.strip, store.get_bytes(key).decode().splitlines()):
+                record = ProxyRecord.model_validate_json(line)
+                if record.file not in records and _index(record) in mine:
+                    store.get_file(join(remote, record.file), out / record.file)
+                    records[record.file] = record
+            log.info("resumed %d proxy images from %s/%s", len(records), store.uri, remote)
     return sorted(records.values(), key=lambda r: r.file)
-
-
-def _save_batch(
-    out: Path,
-    batch: list[int],
-    seeds: list[int],
-    images: list[Image.Image],
-    prompt: str,
-    supervisor: str,
-    shard: int,
-) -> list[ProxyRecord]:
-    records = []
-    for index, seed, image in zip(batch, seeds, images, strict=True):
-        file = proxy_file(index, shard)
-        atomic_write_bytes(out / file, png_bytes(image))
-        records.append(ProxyRecord(file=file, prompt=prompt, seed=seed, supervisor=supervisor))
-    return records
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
@@ -150,6 +229,10 @@ def load_proxy(dataset_dir: str | Path) -> tuple[ProxyInfo, list[ProxyRecord]]:
     """A complete proxy Dataset: its info and records, every listed image checked present."""
     dataset_dir = Path(dataset_dir)
     info = ProxyInfo.read(dataset_dir / PROXY_FILE)
+    if info.part:
+        raise ValueError(
+            f"{dataset_dir} is part {info.part[0]} of {info.part[1]} of a proxy dataset: merge the parts"
+        )
     records = read_manifest(dataset_dir)
     if not info.complete or len(records) != info.num_images:
         raise ValueError(

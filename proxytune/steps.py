@@ -94,8 +94,17 @@ def tune_supervisor_step(
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
 
+def proxy_shards_step(preset: str, overrides: dict[str, Any]) -> list[int]:
+    return list(range(RunParams.resolve(preset, overrides).proxy.shards))
+
+
 def generate_proxy_step(
-    supervisor_dir: str, out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+    supervisor_dir: str,
+    out_dir: str,
+    shard: int,
+    preset: str,
+    overrides: dict[str, Any],
+    tracking: TrackingContext,
 ) -> dict[str, Any]:
     from proxytune.proxy import generate_proxy
     from proxytune.storage import store_from_env
@@ -104,8 +113,22 @@ def generate_proxy_step(
     params = RunParams.resolve(preset, overrides)
     subject = read_adapter_card(supervisor_dir, "supervisor").subjects[0].name
     with stage_run(tracking, "generate_proxy", subject=subject) as tracker:
-        info = generate_proxy(supervisor_dir, out_dir, params.proxy, store_from_env(), tracker)
-        return {"images": info.num_images, "key": info.key, "mlflow_run_id": tracker.run_id or ""}
+        info = generate_proxy(supervisor_dir, out_dir, params.proxy, store_from_env(), tracker, shard=shard)
+        return {
+            "images": info.num_images,
+            "key": info.key,
+            "part": str(info.part),
+            "mlflow_run_id": tracker.run_id or "",
+        }
+
+
+def merge_proxy_step(part_dirs: list[str], out_dir: str) -> dict[str, Any]:
+    from proxytune.proxy import merge_proxy
+    from proxytune.storage import store_from_env
+
+    configure_logging()
+    info = merge_proxy(part_dirs, out_dir, store_from_env())
+    return {"images": info.num_images, "key": info.key}
 
 
 def tune_student_step(

@@ -6,8 +6,17 @@ import yaml
 from components.base import BASE_IMAGE
 from proxytune.cli import main
 
-STAGES = ["plan", "ingest", "tune-supervisor", "generate-proxy", "tune-student", "evaluate", "register"]
-PER_SUBJECT = ["ingest", "tune-supervisor", "generate-proxy"]
+STAGES = [
+    "plan",
+    "ingest",
+    "tune-supervisor",
+    "proxy-shards",
+    "generate-proxy",
+    "merge-proxy",
+    "tune-student",
+    "evaluate",
+    "register",
+]
 GPU_STAGES = {"tune-supervisor", "generate-proxy", "tune-student", "evaluate"}
 SECRET_VALUE = "do-not-leak-this-secret-8f3a"
 
@@ -25,12 +34,21 @@ def compiled(tmp_path_factory):
     return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-def task_spec(spec, task):
-    """A task of the root DAG, or of the per-subject loop's DAG."""
+def dag(spec, component: str) -> dict:
+    return spec["components"][component]["dag"]["tasks"]
+
+
+def scopes(spec) -> dict[str, dict]:
+    """The root DAG, the per-subject sub-pipeline's DAG and its proxy-shard loop's DAG."""
     root = spec["root"]["dag"]["tasks"]
-    if task in root:
-        return root[task]
-    return spec["components"][root["for-loop-1"]["componentRef"]["name"]]["dag"]["tasks"][task]
+    (stages,) = dag(spec, root["for-loop-1"]["componentRef"]["name"]).values()
+    subject = dag(spec, stages["componentRef"]["name"])
+    shards = dag(spec, subject["for-loop-1"]["componentRef"]["name"])
+    return {"root": root, "subject": subject, "shards": shards}
+
+
+def task_spec(spec, task):
+    return next(tasks[task] for tasks in scopes(spec).values() if task in tasks)
 
 
 def executor_of(spec, task):
@@ -42,23 +60,36 @@ def order(tasks):
     return list(graphlib.TopologicalSorter(graph).static_order())
 
 
-def test_plan_then_a_loop_over_subjects_then_one_student(compiled):
+def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(compiled):
     _, spec, _ = compiled
-    root = spec["root"]["dag"]["tasks"]
-    assert order(root) == ["plan", "for-loop-1", "tune-student", "evaluate", "register"]
-    loop = root["for-loop-1"]
-    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-Output"
-    assert order({t: task_spec(spec, t) for t in PER_SUBJECT}) == PER_SUBJECT
+    tasks = scopes(spec)
+    assert order(tasks["root"]) == ["plan", "for-loop-1", "tune-student", "evaluate", "register"]
+    assert (
+        tasks["root"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
+        == "pipelinechannel--plan-Output"
+    )
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks["subject"].items()} == {
+        "ingest": set(),
+        "tune-supervisor": {"ingest"},
+        "proxy-shards": set(),
+        "for-loop-1": {"proxy-shards", "tune-supervisor"},
+        "merge-proxy": {"for-loop-1"},
+    }
+    loop = tasks["subject"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
+    assert loop == "pipelinechannel--proxy-shards-Output" and list(tasks["shards"]) == ["generate-proxy"]
+    assert (
+        "iteratorPolicy" not in tasks["root"]["for-loop-1"]
+    )  # the cluster runs all subjects and shards at once
     collected = {
-        task: {name: a["taskOutputArtifact"] for name, a in root[task]["inputs"]["artifacts"].items()}
+        task: {
+            name: a["taskOutputArtifact"] for name, a in tasks["root"][task]["inputs"]["artifacts"].items()
+        }
         for task in ("tune-student", "evaluate")
     }
     assert collected["tune-student"]["proxies"]["producerTask"] == "for-loop-1"
-    assert collected["evaluate"]["subjects"]["outputArtifactKey"] == "pipelinechannel--ingest-subject"
-    assert (
-        collected["evaluate"]["supervisors"]["outputArtifactKey"]
-        == "pipelinechannel--tune-supervisor-supervisor"
-    )
+    merged = tasks["subject"]["merge-proxy"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
+    assert merged["producerTask"] == "for-loop-1"
+    assert set(collected["evaluate"]) == {"subjects", "supervisors", "student"}
 
 
 def test_gpu_requests_on_exactly_the_gpu_steps(compiled):

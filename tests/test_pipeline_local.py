@@ -32,6 +32,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     monkeypatch.setenv("COLUMNS", "160")
     small = ["proxy.num_images=4", "supervisor.steps=4", "student.steps=4", "evaluation.num_prompts=1"]
     small.append("student.backend=tiny-lumina")  # the paper's student family, as a tiny model
+    small.append("proxy.shards=2")  # each subject's proxy set drawn by two tasks, then merged
     arguments = [
         "run",
         "--local",
@@ -60,4 +61,12 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     experiment = client.get_experiment_by_name("proxytune").experiment_id
     (student,) = client.search_runs([experiment], filter_string="tags.`proxytune.stage` = 'tune_student'")
     assert student.data.params["train_images"] == str(2 * 3)  # 4 proxy images per subject, 1 held out
+    manifests = sorted((tmp_path / "store" / "proxy").glob("*/manifest.jsonl"))
+    assert len(manifests) == 2  # one merged dataset per subject
+    for manifest in manifests:
+        assert [json.loads(line)["seed"] for line in manifest.read_text().splitlines()] == [0, 1, 2, 3]
+        assert sorted(p.name for p in (manifest.parent / "parts").iterdir()) == [
+            "000-of-002.jsonl",
+            "001-of-002.jsonl",
+        ]
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the run restored the environment

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -7,7 +8,7 @@ import proxytune.proxy
 from proxytune.backends.stable_diffusion import StableDiffusionSupervisor
 from proxytune.config import ProxyParams
 from proxytune.contracts import ProxyInfo
-from proxytune.proxy import generate_proxy, load_proxy, read_manifest
+from proxytune.proxy import generate_proxy, load_proxy, merge_proxy, read_manifest
 from proxytune.storage import LocalStore
 from tests.conftest import CPU
 
@@ -104,3 +105,82 @@ def test_load_proxy_refuses_incomplete_datasets(supervisor_dir, tmp_path, interr
         generate_proxy(supervisor_dir, tmp_path / "proxy", SMALL, device=CPU)
     with pytest.raises(ValueError, match="incomplete proxy dataset"):
         load_proxy(tmp_path / "proxy")
+
+
+def pixels(folder, records):
+    return np.stack([np.asarray(Image.open(folder / r.file), dtype=np.int16) for r in records])
+
+
+def test_shards_draw_disjoint_blocks_and_merge_into_the_unsharded_dataset(supervisor_dir, tmp_path):
+    whole = generate_proxy(supervisor_dir, tmp_path / "whole", SMALL, device=CPU)
+    sharded = SMALL.model_copy(update={"shards": 3})
+    parts = [tmp_path / f"part-{k}" for k in range(3)]
+    infos = [
+        generate_proxy(supervisor_dir, part, sharded, device=CPU, shard=k) for k, part in enumerate(parts)
+    ]
+    assert [info.part for info in infos] == [[0, 3], [1, 3], [2, 3]]
+    assert [[r.seed for r in read_manifest(p)] for p in parts] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    with pytest.raises(ValueError, match="part 1 of 3 of a proxy dataset: merge the parts"):
+        load_proxy(parts[1])
+    merged = merge_proxy(list(reversed(parts)), tmp_path / "merged")
+    assert merged == whole
+    assert (tmp_path / "merged" / "manifest.jsonl").read_text() == (
+        tmp_path / "whole" / "manifest.jsonl"
+    ).read_text()
+    _, records = load_proxy(tmp_path / "merged")
+    # equal up to the float rounding of batched kernels (other batch neighbours)
+    assert np.abs(pixels(tmp_path / "merged", records) - pixels(tmp_path / "whole", records)).max() <= 2
+
+
+def test_merging_refuses_missing_repeated_or_foreign_parts(supervisor_dir, tmp_path):
+    sharded = SMALL.model_copy(update={"shards": 2, "num_images": 4})
+    parts = [
+        generate_proxy(supervisor_dir, tmp_path / f"p{k}", sharded, device=CPU, shard=k) for k in range(2)
+    ]
+    assert all(p.complete for p in parts)
+    with pytest.raises(ValueError, match=r"cover shards \[0\]"):
+        merge_proxy([tmp_path / "p0"], tmp_path / "m1")
+    with pytest.raises(ValueError, match=r"cover shards \[0, 0\]"):
+        merge_proxy([tmp_path / "p0", tmp_path / "p0"], tmp_path / "m2")
+    other = sharded.model_copy(update={"guidance_scale": 2.0})
+    generate_proxy(supervisor_dir, tmp_path / "q1", other, device=CPU, shard=1)
+    with pytest.raises(ValueError, match="parts of different datasets"):
+        merge_proxy([tmp_path / "p0", tmp_path / "q1"], tmp_path / "m3")
+    assert not any((tmp_path / m).exists() for m in ("m1", "m2", "m3"))
+
+
+def test_a_shard_killed_midway_resumes_from_the_store_with_no_duplicates(
+    supervisor_dir, tmp_path, interrupt_after
+):
+    store = LocalStore(tmp_path / "store")
+    sharded = SMALL.model_copy(update={"shards": 2, "batch_size": 2})
+    calls = interrupt_after(1)
+    with pytest.raises(KeyboardInterrupt):
+        generate_proxy(supervisor_dir, tmp_path / "pod-1", sharded, store=store, device=CPU, shard=1)
+    calls.clear()
+    interrupt_after(99)
+    info = generate_proxy(supervisor_dir, tmp_path / "pod-2", sharded, store=store, device=CPU, shard=1)
+    assert calls == [2]  # the second half of shard 1 only
+    records = read_manifest(tmp_path / "pod-2")
+    assert [r.seed for r in records] == [4, 5, 6, 7] and info.complete
+    on_disk = sorted(
+        p.relative_to(tmp_path / "pod-2").as_posix() for p in (tmp_path / "pod-2").rglob("*.png")
+    )
+    assert on_disk == [r.file for r in records]
+
+
+def test_shards_beyond_the_image_count_are_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="shards: 9 shards for 8 images"):
+        ProxyParams(num_images=8, shards=9)
+
+
+def test_a_prompt_bank_cycles_and_evaluation_prompts_are_marked(supervisor_dir, tmp_path, caplog):
+    bank = ["a {identifier} {class_noun} on a sofa", "a {identifier} {class_noun} in the snow"]
+    params = SMALL.model_copy(update={"num_images": 6, "prompt_bank": bank})
+    generate_proxy(supervisor_dir, tmp_path / "proxy", params, device=CPU)
+    records = read_manifest(tmp_path / "proxy")
+    assert [r.prompt for r in records[:3]] == ["a sks dog", "a sks dog on a sofa", "a sks dog in the snow"]
+    assert [r.evaluation_prompt for r in records] == [None, None, True] * 2
+    assert "'a sks dog in the snow' is a DreamBench evaluation prompt" in caplog.text
+    with pytest.raises(ValueError, match=r"prompt_bank\[0\] must contain \{identifier\}"):
+        ProxyParams(prompt_bank=["a dog"])
