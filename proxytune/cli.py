@@ -1,4 +1,5 @@
-"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `backends`."""
+"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `backends`,
+`presets`."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
     backends = commands.add_parser("backends", help="list the model backends by kind")
     backends.set_defaults(handler=_backends)
+
+    presets = commands.add_parser("presets", help="print every parameter of every preset")
+    presets.add_argument("--all", action="store_true", help="also the parameters no preset changes")
+    presets.set_defaults(handler=_presets)
 
     generate = commands.add_parser("generate", help="sample images from a tuned student")
     generate.add_argument(
@@ -212,6 +217,28 @@ def _compile(args: argparse.Namespace) -> int:
     from pipelines.proxy_tuning import compile_pipeline
 
     console.print(f"compiled pipeline -> {compile_pipeline(args.output)}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from proxytune.config import PRESETS, RunParams, preset_values
+
+    values = preset_values()
+    names = list(values)
+    table = Table(title="proxytune presets (override any value with --set section.field=value)")
+    table.add_column("parameter")
+    for name in names:
+        table.add_column(name)
+    for key in values[names[0]]:
+        row = [values[name][key] for name in names]
+        if args.all or any(v != row[0] for v in row):
+            table.add_row(key, *(repr(v) if isinstance(v, str) else str(v) for v in row))
+    console.print(table)
+    for name in PRESETS:
+        try:
+            RunParams.resolve(name)
+        except ValueError as error:
+            console.print(f"[yellow]{name}[/yellow] needs more before it runs: {error}")
     return 0
 
 

@@ -67,8 +67,10 @@ class ProxyParams(_Params):
 
     num_images: int = Field(16, gt=0)
     batch_size: int = Field(8, gt=0)
-    inference_steps: int = Field(10, gt=0)
-    guidance_scale: float = Field(5.0, ge=1.0)
+    inference_steps: int | None = Field(None, gt=0, description="default: the supervisor's reference value")
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description="default: the supervisor's reference value"
+    )
     prompt_template: str = INSTANCE_TEMPLATE
     prompt_bank: list[str] = Field(
         [], description="more prompt templates; image i uses ([prompt_template] + bank)[i mod its length]"
@@ -144,8 +146,8 @@ class EvalParams(_Params):
         description="guidance_scale, temperature, top_k (0 = all codes), top_p for the student; "
         "each one not set keeps the backend's reference value",
     )
-    supervisor_guidance_scale: float = Field(5.0, ge=1.0)
-    supervisor_inference_steps: int = Field(10, gt=0)
+    supervisor_guidance_scale: float | None = Field(None, ge=1.0, description="default: the backend's")
+    supervisor_inference_steps: int | None = Field(None, gt=0, description="default: the backend's")
     batch_size: int = Field(8, gt=0)
     seed: int = 0
 
@@ -180,7 +182,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
     "paper": {
         "supervisor": {"backend": "sd15", "steps": 500, "learning_rate": 1e-4, "rank": 4},
-        "proxy": {"num_images": 1000, "batch_size": 8, "inference_steps": 50, "guidance_scale": 7.5},
+        "proxy": {"num_images": 1000, "batch_size": 8},
         "student": {
             "backend": "lumina-mgpt-7b-768",
             "steps": 1000,
@@ -194,11 +196,29 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino_encoder": "dino-vits16",
             "num_prompts": 25,
             "images_per_prompt": 4,
-            "supervisor_guidance_scale": 7.5,
-            "supervisor_inference_steps": 50,
         },
     },
 }
+
+
+def preset_values() -> dict[str, dict[str, Any]]:
+    """Every parameter (`section.field`) of every preset, defaults filled in. Not validated, so
+    a preset that needs something from the user (a weights location) still shows."""
+    defaults = RunParams().model_dump()
+    return {
+        name: _flatten(_deep_merge(copy.deepcopy(defaults), copy.deepcopy(preset)))
+        for name, preset in PRESETS.items()
+    }
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key != "student_sampling":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

@@ -260,7 +260,9 @@ def _sample_supervisor(adapter_dir, prompts: list[str], params: EvalParams, devi
 
     def generate(batch: list[str], start: int) -> list[Image.Image]:
         seeds = [params.seed + start + i for i in range(len(batch))]
-        steps, guidance = params.supervisor_inference_steps, params.supervisor_guidance_scale
+        steps, guidance = backend.generation(
+            params.supervisor_inference_steps, params.supervisor_guidance_scale
+        )
         return backend.generate(batch, seeds, steps, guidance)
 
     return _in_batches(prompts, params.batch_size, "supervisor samples", generate), card

@@ -26,6 +26,7 @@ from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecor
 from proxytune.fsutil import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_json
 from proxytune.images import png_bytes
 from proxytune.prompts import dreambench_prompts, fill
+from proxytune.registry import SUPERVISORS
 from proxytune.storage import ObjectStore, join
 from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
@@ -94,7 +95,14 @@ def generate_proxy(
     card = read_adapter_card(supervisor_dir, "supervisor")
     (subject,) = card.subjects
     prompts, overlapping = proxy_prompts(params, subject.identifier, subject.class_noun)
-    recipe = params.model_dump(exclude={"batch_size", "shards"})
+    steps, guidance = SUPERVISORS.create(card.backend).generation(
+        params.inference_steps, params.guidance_scale
+    )
+    recipe = {
+        **params.model_dump(exclude={"batch_size", "shards"}),
+        "inference_steps": steps,
+        "guidance_scale": guidance,
+    }
     part = [shard, params.shards] if params.shards > 1 else None
     indices = part_indices(params.num_images, params.shards, shard)
     info = ProxyInfo(
@@ -125,7 +133,7 @@ def generate_proxy(
             for batch in _chunks(missing, params.batch_size):
                 seeds = [params.seed + i for i in batch]
                 batch_prompts = [prompts[i % len(prompts)] for i in batch]
-                images = backend.generate(batch_prompts, seeds, params.inference_steps, params.guidance_scale)
+                images = backend.generate(batch_prompts, seeds, steps, guidance)
                 new = [
                     ProxyRecord(
                         file=proxy_file(i, params.shard_size),

@@ -52,3 +52,13 @@ def test_local_defaults_keep_everything_in_the_workdir(tmp_path, monkeypatch):
     }
     monkeypatch.setenv("PROXYTUNE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     assert "PROXYTUNE_STORE_DIR" not in local_defaults(tmp_path)
+
+
+def test_presets_prints_what_each_preset_sets_and_what_it_still_needs(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "student.backend" in out and "'lumina-mgpt-7b-768'" in out and "'tiny-janus'" in out
+    assert "proxy.shard_size" not in out  # no preset changes it; --all shows it
+    assert "paper needs more before it runs" in out and "vq_source" in out
+    assert main(["presets", "--all"]) == 0
+    assert "proxy.shard_size" in capsys.readouterr().out

@@ -77,6 +77,12 @@ class SupervisorBackend(ABC):
     name: str
     source: ModelSource
     resolution: int
+    inference_steps: int  # the reference model's sampling steps
+    guidance_scale: float  # and guidance, unless a run sets its own
+
+    def generation(self, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """(steps, guidance) with the backend's reference values where none is given."""
+        return steps or self.inference_steps, guidance_scale or self.guidance_scale
 
     @abstractmethod
     def load(self, device: torch.device, source: ModelSource | None = None) -> None:

@@ -85,8 +85,9 @@ def _tiny_pipeline():
 
 
 class StableDiffusionSupervisor(SupervisorBackend):
-    def __init__(self, name: str, source: ModelSource, resolution: int):
+    def __init__(self, name: str, source: ModelSource, resolution: int, steps: int, guidance: float):
         self.name, self.source, self.resolution = name, source, resolution
+        self.inference_steps, self.guidance_scale = steps, guidance
 
     def load(self, device: torch.device, source: ModelSource | None = None) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -198,13 +199,13 @@ class StableDiffusionSupervisor(SupervisorBackend):
 
 SUPERVISORS.register(
     "tiny-sd",
-    lambda: StableDiffusionSupervisor("tiny-sd", ModelSource("tiny:sd"), 64),
+    lambda: StableDiffusionSupervisor("tiny-sd", ModelSource("tiny:sd"), 64, 10, 5.0),
     "random-weight Stable Diffusion (64 px) for tests and the CPU demo",
 )
 SUPERVISORS.register(
     "sd15",
     lambda: StableDiffusionSupervisor(
-        "sd15", ModelSource("stable-diffusion-v1-5/stable-diffusion-v1-5"), 512
+        "sd15", ModelSource("stable-diffusion-v1-5/stable-diffusion-v1-5"), 512, 50, 7.5
     ),
-    "Stable Diffusion 1.5 (512 px)",
+    "Stable Diffusion 1.5 (512 px; 50 steps, CFG 7.5)",
 )
