@@ -42,6 +42,11 @@ class TrainingParams(_Params):
     rank: int = Field(4, gt=0)
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: equal to rank")
     batch_size: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="images per forward pass (gradients accumulate over the batch); default: the batch",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(
@@ -51,13 +56,30 @@ class TrainingParams(_Params):
 
 
 class SupervisorParams(TrainingParams):
-    """DreamBooth-LoRA on the diffusion supervisor."""
+    """DreamBooth-LoRA on the diffusion supervisor; unset values follow the backend's recipe
+    (diffusers' DreamBooth-LoRA example for that model)."""
 
     backend: str = "tiny-sd"
     model_source: str | None = Field(
         None, description="hub id, folder or s3:// prefix; default: the backend's"
     )
+    steps: int | None = Field(None, gt=0, description="default: the backend's recipe")
+    learning_rate: float | None = Field(None, gt=0, description="default: the backend's recipe")
+    rank: int | None = Field(None, gt=0, description="default: the backend's recipe")
+    batch_size: int | None = Field(None, gt=0, description="default: the backend's recipe")
     resolution: int | None = Field(None, gt=0, description="training size; default: the backend's")
+
+    @field_validator("resolution")
+    @classmethod
+    def _latent_friendly(cls, value: int | None) -> int | None:
+        if value is not None and value % 64:
+            raise ValueError(f"resolution {value} must be a multiple of 64 (VAE and patch sizes)")
+        return value
+
+    def with_recipe(self, recipe) -> SupervisorParams:
+        """These parameters with the backend's recipe where none is set."""
+        defaults = {k: getattr(recipe, k) for k in ("steps", "learning_rate", "rank", "batch_size")}
+        return self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     _check_backend = field_validator("backend")(lambda v: SUPERVISORS.check(v))
 
@@ -110,7 +132,7 @@ class StudentParams(TrainingParams):
     )
     rank: int = Field(8, gt=0)
     batch_size: int = Field(4, gt=0)
-    micro_batch_size: int = Field(
+    micro_batch_size: int | None = Field(
         4, gt=0, description="images per forward pass; gradients accumulate over the batch"
     )
     null_prompt_prob: float = Field(0.05, ge=0.0, lt=1.0, description="prompt dropout, for CFG")
@@ -181,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
     "paper": {
-        "supervisor": {"backend": "sd15", "steps": 500, "learning_rate": 1e-4, "rank": 4},
+        "supervisor": {"backend": "sdxl"},
         "proxy": {"num_images": 1000, "batch_size": 8},
         "student": {
             "backend": "lumina-mgpt-7b-768",

@@ -129,6 +129,7 @@ def generate_proxy(
     log.info("proxy dataset %s: %d of %d images present", info.key[:12], len(records), len(indices))
     if missing:
         backend, _ = load_supervisor(supervisor_dir, device or default_device())
+        backend.fuse_lora()  # the whole set is drawn with one adapter: merge it once
         with tqdm(total=len(missing), desc="proxy images", unit="img", mininterval=2.0) as progress:
             for batch in _chunks(missing, params.batch_size):
                 seeds = [params.seed + i for i in batch]

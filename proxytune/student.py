@@ -155,8 +155,9 @@ def tune_student(
     backend.train_mode(checkpointing)
 
     def micro_batches(index: list[int], unconditional: list[bool]) -> Iterator[tuple[torch.Tensor, float]]:
-        for start in range(0, len(index), params.micro_batch_size):
-            part = slice(start, start + params.micro_batch_size)
+        micro = params.micro_batch_size or params.batch_size
+        for start in range(0, len(index), micro):
+            part = slice(start, start + micro)
             inputs = backend.tokenize([prompts[i] for i in index[part]], unconditional[part])
             yield backend.nll(inputs, all_codes[index[part]]), len(index[part]) / len(index)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from proxytune.backends._base import ModelSource, SupervisorBackend, default_device
+from proxytune.backends._base import ModelSource, default_device
+from proxytune.backends._diffusion import DiffusionSupervisor, repeat
 from proxytune.config import SupervisorParams
 from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
 from proxytune.images import to_tensor
@@ -32,10 +33,12 @@ def tune_supervisor(
     store: ObjectStore | None = None,
 ) -> AdapterCard:
     """DreamBooth-LoRA on `a {identifier} {class_noun}`; writes the adapter to `out_dir`.
-    With a `store`, training checkpoints there and a re-run resumes."""
+    Unset training values follow the backend's recipe; with a `store`, training checkpoints
+    there and a re-run resumes."""
     tracker = tracker or Tracker()
     subject, photos = load_subject(subject_dir)
-    backend: SupervisorBackend = SUPERVISORS.create(params.backend)
+    backend: DiffusionSupervisor = SUPERVISORS.create(params.backend)
+    params = params.with_recipe(backend.recipe)
     source = ModelSource(params.model_source) if params.model_source else backend.source
     log.info("loading supervisor %s (%s)", backend.name, source.id)
     backend.load(device or default_device(), source)
@@ -53,12 +56,19 @@ def tune_supervisor(
     latents = backend.encode_images(to_tensor(photos, resolution))
     cond = backend.encode_prompts([fill(INSTANCE_TEMPLATE, subject.identifier, subject.class_noun)])
 
+    def losses(index: torch.Tensor, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
+        """The batch `index` in micro-batches (one pass unless `micro_batch_size` is set)."""
+        for part in index.split(params.micro_batch_size or len(index)):
+            loss = backend.training_loss(latents[part], repeat(cond, len(part)), generator)
+            yield loss, len(part) / len(index)
+
     def batch_loss(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
-        index = torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator)
-        yield backend.training_loss(latents[index], cond.expand(params.batch_size, -1, -1), generator), 1.0
+        return losses(
+            torch.randint(0, latents.shape[0], (params.batch_size,), generator=generator), generator
+        )
 
     def all_photos_loss(generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
-        yield backend.training_loss(latents, cond.expand(latents.shape[0], -1, -1), generator), 1.0
+        return losses(torch.arange(latents.shape[0]), generator)
 
     trainable = backend.add_lora(params.rank, alpha)
     spec = AdapterSpec(
@@ -85,10 +95,10 @@ def tune_supervisor(
 
 def load_supervisor(
     adapter_dir: str | Path, device: torch.device | None = None
-) -> tuple[SupervisorBackend, AdapterCard]:
+) -> tuple[DiffusionSupervisor, AdapterCard]:
     """Base pipeline + the adapter in `adapter_dir`, checked against its card."""
     card = read_adapter_card(adapter_dir, "supervisor")
-    backend: SupervisorBackend = SUPERVISORS.create(card.backend)
+    backend: DiffusionSupervisor = SUPERVISORS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
     backend.resolution = card.params["resolution"]
     backend.load_lora(str(adapter_dir))

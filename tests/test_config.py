@@ -16,7 +16,7 @@ VQGAN = {"student.vq_source": "s3://models/chameleon-vqgan"}
 def test_paper_preset_resolves_to_registered_backends():
     params = RunParams.resolve("paper", VQGAN)
     assert params.proxy.num_images == 1000
-    assert params.supervisor.learning_rate == 1e-4
+    assert (params.supervisor.backend, params.supervisor.learning_rate) == ("sdxl", None)  # its recipe's
     assert (params.student.backend, params.student.rank) == ("lumina-mgpt-7b-768", 128)
 
 
@@ -29,7 +29,7 @@ def test_the_paper_student_needs_the_chameleon_vqgan_before_anything_runs():
 def test_dotted_and_nested_overrides_merge_over_the_preset():
     params = RunParams.resolve("paper", {**VQGAN, "supervisor.steps": 7, "student": {"rank": 2}})
     assert params.supervisor.steps == 7
-    assert params.supervisor.backend == "sd15"
+    assert params.supervisor.backend == "sdxl"
     assert params.student.rank == 2
     assert params.student.backend == "lumina-mgpt-7b-768"
 

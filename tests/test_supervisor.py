@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from proxytune.backends._base import ModelSource
+from proxytune.backends._diffusion import repeat
 from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
 from proxytune.fsutil import sha256_file
 from proxytune.images import to_tensor
@@ -21,9 +22,7 @@ def pixels(images):
 def fixed_draw_loss(backend, subject_dir):
     subject, photos = load_subject(subject_dir)
     latents = backend.encode_images(to_tensor(photos, backend.resolution))
-    cond = backend.encode_prompts([f"a {subject.identifier} {subject.class_noun}"]).expand(
-        len(photos), -1, -1
-    )
+    cond = repeat(backend.encode_prompts([f"a {subject.identifier} {subject.class_noun}"]), len(photos))
     return fixed_loss(lambda g: iter([(backend.training_loss(latents, cond, g), 1.0)]), EVAL_SEEDS)
 
 
@@ -41,7 +40,7 @@ def test_tuning_lowers_the_loss_and_the_saved_adapter_carries_it(supervisor_dir,
 
 def test_adapter_files_follow_the_contract(supervisor_dir):
     card = read_adapter_card(supervisor_dir, "supervisor")
-    assert (card.kind, card.backend, card.base_model.id) == ("supervisor", "tiny-sd", "tiny:sd")
+    assert (card.kind, card.backend, card.base_model.id) == ("supervisor", "tiny-sd", "random:tiny-sd")
     assert card.subjects == [SubjectRef(name="dog", identifier="sks", class_noun="dog")]
     assert sorted(p.name for p in supervisor_dir.iterdir()) == [
         "adapter_config.json",
@@ -57,7 +56,7 @@ def test_saved_adapter_reproduces_the_trained_pipeline_exactly(tmp_path):
     backend = SUPERVISORS.create("tiny-sd")
     backend.load(CPU)
     latents = backend.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
-    cond = backend.encode_prompts(["a sks dog"]).expand(2, -1, -1)
+    cond = repeat(backend.encode_prompts(["a sks dog"]), 2)
     train_lora(
         backend.add_lora(4, 4.0),
         lambda g: iter([(backend.training_loss(latents, cond, g), 1.0)]),

@@ -271,8 +271,8 @@ class ARStudent(ABC):
         self.transformer().train()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on GPU for bf16 weights; fp32 weights (a check, a CPU run) stay exact."""
-        enabled = self.device.type == "cuda" and self.model.dtype == torch.bfloat16
+        """bf16 autocast for bf16 weights; fp32 weights (a check, a CPU run) stay exact."""
+        enabled = self.model.dtype == torch.bfloat16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def tokenize(self, prompts: Sequence[str], unconditional: Sequence[bool]) -> dict[str, torch.Tensor]:

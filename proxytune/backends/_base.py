@@ -71,55 +71,6 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-class SupervisorBackend(ABC):
-    """A diffusion model family that can be DreamBooth-LoRA-tuned and sampled."""
-
-    name: str
-    source: ModelSource
-    resolution: int
-    inference_steps: int  # the reference model's sampling steps
-    guidance_scale: float  # and guidance, unless a run sets its own
-
-    def generation(self, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-        """(steps, guidance) with the backend's reference values where none is given."""
-        return steps or self.inference_steps, guidance_scale or self.guidance_scale
-
-    @abstractmethod
-    def load(self, device: torch.device, source: ModelSource | None = None) -> None:
-        """Load the frozen base pipeline (`source` overrides the backend's default weights)."""
-
-    @abstractmethod
-    def add_lora(self, rank: int, alpha: float) -> list[torch.nn.Parameter]:
-        """Inject LoRA layers; return the trainable parameters."""
-
-    @abstractmethod
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (N, 3, H, W) -> latents the loss is computed on."""
-
-    @abstractmethod
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> conditioning for the denoiser."""
-
-    @abstractmethod
-    def training_loss(
-        self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """The family's denoising objective; all randomness from `generator`."""
-
-    @abstractmethod
-    def save_lora(self, out_dir: str) -> list[str]:
-        """Write the adapter weights (safetensors); return the file names written."""
-
-    @abstractmethod
-    def load_lora(self, adapter_dir: str) -> None: ...
-
-    @abstractmethod
-    def generate(
-        self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float
-    ) -> list[Image.Image]:
-        """One image per prompt; image i depends only on (prompt i, seed i)."""
-
-
 class ImageEncoder(ABC):
     """A frozen feature extractor for evaluation (CLIP or DINO style)."""
 

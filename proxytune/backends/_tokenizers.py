@@ -14,16 +14,21 @@ from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 BYTE_SYMBOLS = sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def tiny_clip_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+def tiny_clip_tokenizer(max_length: int = 32, pad: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer over bytes; `pad` is `<|endoftext|>` or, for SDXL's and SD3's
+    second encoder, "!"."""
     vocab = {symbol: i for i, symbol in enumerate(BYTE_SYMBOLS)}
     vocab.update({symbol + "</w>": len(BYTE_SYMBOLS) + i for i, symbol in enumerate(BYTE_SYMBOLS)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token=pad)
 
 
-def byte_level_tokenizer(tokens: dict[str, int], bos: str, eos: str, pad: str) -> PreTrainedTokenizerFast:
-    """Byte symbols at the lowest ids not taken by `tokens`; adds BOS like Llama tokenizers.
+def byte_level_tokenizer(
+    tokens: dict[str, int], bos: str | None, eos: str, pad: str, max_length: int | None = None
+) -> PreTrainedTokenizerFast:
+    """Byte symbols at the lowest ids not taken by `tokens`; adds BOS in front like Llama
+    tokenizers, or without `bos` EOS at the end like T5's.
 
     Every name in `tokens` becomes one unsplittable token with its given id."""
     taken = set(tokens.values())
@@ -32,8 +37,9 @@ def byte_level_tokenizer(tokens: dict[str, int], bos: str, eos: str, pad: str) -
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    edge = bos or eos
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tokens[bos])]
+        single=f"{bos} $A" if bos else f"$A {eos}", special_tokens=[(edge, tokens[edge])]
     )
     specials = [name for name in tokens if name not in (bos, eos, pad)]
     return PreTrainedTokenizerFast(
@@ -42,5 +48,6 @@ def byte_level_tokenizer(tokens: dict[str, int], bos: str, eos: str, pad: str) -
         eos_token=eos,
         pad_token=pad,
         additional_special_tokens=specials,
-        padding_side="left",
+        padding_side="left" if bos else "right",
+        **({"model_max_length": max_length} if max_length else {}),
     )
