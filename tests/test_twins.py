@@ -186,3 +186,91 @@ def test_vq_codes_follow_the_reference_tokenizer_in_fp32(twin):
     )
     half = nearest_codes(latents.bfloat16(), codebook.bfloat16(), backend.codebook_l2_norm)
     assert torch.equal(half, in_bf16)
+
+
+# Supervisors: name -> (native resolution, LoRA-wrapped module suffixes that must be present;
+# a one-block SD3 is its last block, which has no context output projection)
+SUPERVISOR_TWINS = {
+    "sd15": (512, {"to_q", "to_out.0"}),
+    "sdxl": (1024, {"to_q", "to_out.0"}),
+    "sd3": (1024, {"attn.to_q", "attn.add_k_proj"}),
+    "sd3.5-large": (1024, {"attn.to_q", "attn.add_k_proj"}),
+    "flux-dev": (1024, {"attn.to_q", "ff.net.2", "ff_context.net.2"}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SUPERVISOR_TWINS))
+def supervisor_twin(request, tmp_path_factory):
+    """(name, pipeline loaded back from the saved diffusers folder, in bf16, the folder)."""
+    from proxytune.registry import SUPERVISORS
+
+    name = request.param
+    built = SUPERVISORS.create(name)
+    built.load(CPU, ModelSource(f"random:{name}"), layers=1)
+    folder = tmp_path_factory.mktemp(name)
+    built.save(folder)
+    del built
+    backend = SUPERVISORS.create(name)
+    backend.load(CPU, ModelSource(str(folder)))
+    backend.pipe.to(dtype=torch.bfloat16)  # as on a GPU; halves what the CPU moves
+    return name, backend, folder
+
+
+def test_supervisor_twins_are_their_published_pipelines_in_the_diffusers_layout(supervisor_twin):
+    name, backend, folder = supervisor_twin
+    spec = published_config(name)
+    layout = {p.name for p in folder.iterdir()}
+    assert {"model_index.json", *spec["components"]} <= layout
+    denoiser = spec["components"][backend.denoiser_name]["config"]
+    for key in (
+        "in_channels",
+        "cross_attention_dim",
+        "joint_attention_dim",
+        "attention_head_dim",
+        "block_out_channels",
+    ):
+        if key in denoiser:
+            value = backend.denoiser.config[key]
+            assert (list(value) if isinstance(value, tuple) else value) == denoiser[key], key
+    assert backend.resolution == SUPERVISOR_TWINS[name][0]
+
+
+def test_supervisor_twins_train_one_lora_step_at_native_size_and_round_trip(supervisor_twin, tmp_path):
+    from proxytune.registry import SUPERVISORS
+
+    name, backend, folder = supervisor_twin
+    resolution, targets = SUPERVISOR_TWINS[name]
+    vae = backend.pipe.vae
+    size = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    latents = torch.randn(
+        1, vae.config.latent_channels, size, size, generator=torch.Generator().manual_seed(0)
+    )
+    cond = backend.encode_prompts(["a sks dog on the beach"])
+    parameters = backend.add_lora(4, 4.0)
+    wrapped = {n.split(".lora_")[0] for n, p in backend.denoiser.named_parameters() if p.requires_grad}
+    assert all(any(w.endswith(t) for w in wrapped) for t in targets)
+    loss = backend.training_loss(latents, cond, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad.abs().sum() > 0 for p in parameters)
+    with torch.no_grad():
+        for p in parameters:
+            p.add_(0.01 * torch.randn_like(p))  # an adapter that is not a no-op
+    backend.save_lora(str(tmp_path))
+    reloaded = SUPERVISORS.create(name)
+    reloaded.load(CPU, ModelSource(str(folder)))
+    reloaded.load_lora(str(tmp_path))
+    saved = {n: p for n, p in backend.denoiser.named_parameters() if p.requires_grad}
+    loaded = {
+        n.replace(".default_0.", ".default."): p
+        for n, p in reloaded.denoiser.named_parameters()
+        if ".lora_" in n
+    }
+    assert len(saved) == len(loaded)
+    for key, value in saved.items():
+        assert torch.allclose(loaded[key].float(), value.float(), atol=1e-6), key
+
+
+def test_supervisor_twins_draw_one_image_at_native_resolution(supervisor_twin):
+    name, backend, _ = supervisor_twin
+    (image,) = backend.generate(["a sks dog on the beach"], [0], 1, backend.guidance_scale)
+    assert image.size == (SUPERVISOR_TWINS[name][0],) * 2
