@@ -35,11 +35,13 @@ from proxytune.config import PRESETS
 from proxytune.registry import STUDENTS
 
 REAL = "lumina-mgpt-7b-768,janus-pro-7b,janus-pro-1b"  # the paper's student first, if time runs out
+SUPERVISORS_REAL = "sdxl,flux-dev,sd3.5-large,sd3,sd15"  # the paper's default supervisor first
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=REAL)
+    parser.add_argument("--supervisors", default=SUPERVISORS_REAL)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     parser.add_argument("--images", type=int, default=16, help="images sampled in one batch")
@@ -54,18 +56,80 @@ def main() -> int:
     started, rows = time.perf_counter(), []
     for name in ("tiny-janus", "tiny-lumina"):
         print(json.dumps(consistency(name, device)), flush=True)
-    for name in args.models.split(","):
-        if time.perf_counter() - started > args.budget_s:
-            print(f"gpu_smoke: over the {args.budget_s:.0f} s budget, skipping {name}")
-            continue
-        rows.append(measure(name, device, args))
-        print(json.dumps(rows[-1]), flush=True)
-        release(device)
+    supervisor_rows = []
+    for measure_one, names, out in (
+        (measure, args.models, rows),
+        (measure_supervisor, args.supervisors, supervisor_rows),
+    ):
+        for name in filter(None, names.split(",")):
+            if time.perf_counter() - started > args.budget_s:
+                print(f"gpu_smoke: over the {args.budget_s:.0f} s budget, skipping {name}")
+                continue
+            out.append(measure_one(name, device, args))
+            print(json.dumps(out[-1]), flush=True)
+            release(device)
     print_table(rows, device, args)
+    print_supervisor_table(supervisor_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": describe(device), "rows": rows}, f, indent=2)
+            json.dump(
+                {"device": describe(device), "students": rows, "supervisors": supervisor_rows}, f, indent=2
+            )
     return 0
+
+
+def measure_supervisor(name: str, device: torch.device, args) -> dict:
+    """One LoRA step at the backend's recipe batch and native size (bf16 on GPU, gradient
+    checkpointing), then one image at native resolution with the reference steps and guidance."""
+    from proxytune.backends._diffusion import repeat
+    from proxytune.registry import SUPERVISORS
+
+    start = time.perf_counter()
+    backend = SUPERVISORS.create(name)
+    backend.load(device, ModelSource(f"random:{name}"))
+    built_s = time.perf_counter() - start
+    params = sum(p.numel() for p in backend.denoiser.parameters())
+    vae = backend.pipe.vae
+    side = backend.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    batch = backend.recipe.batch_size
+    latents = torch.randn(batch, vae.config.latent_channels, side, side, device=device)
+    cond = repeat(backend.encode_prompts(["a sks dog"]), batch)
+    lora = backend.add_lora(backend.recipe.rank, float(backend.recipe.rank))
+    optimizer = torch.optim.AdamW(lora, lr=backend.recipe.learning_rate)
+
+    def step(optimizer: torch.optim.Optimizer) -> None:
+        backend.training_loss(latents, cond, torch.Generator().manual_seed(0)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(optimizer)
+    synchronize(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    step(optimizer)
+    synchronize(device)
+    train_s = time.perf_counter() - start
+    train_peak = peak_gib(device)
+    del optimizer, lora
+    release(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    (image,) = backend.generate(
+        ["a sks dog on the beach"], [0], backend.inference_steps, backend.guidance_scale
+    )
+    synchronize(device)
+    return {
+        "supervisor": name,
+        "denoiser_parameters": params,
+        "build_s": round(built_s, 1),
+        "train_step_s": round(train_s, 3),
+        "train_batch": batch,
+        "train_peak_gib": train_peak,
+        "s_per_image": round(time.perf_counter() - start, 2),
+        "image_size": image.size[0],
+        "sampling": f"{backend.inference_steps} steps, guidance {backend.guidance_scale}",
+        "sample_peak_gib": peak_gib(device),
+    }
 
 
 def measure(name: str, device: torch.device, args) -> dict:
@@ -213,6 +277,25 @@ def print_table(rows: list[dict], device: torch.device, args) -> None:
             f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['lora_parameters'] / 1e6:.1f}M | "
             f"{r['train_tokens_per_s']:,} | {r['mfu']:.1%} | {r['train_peak_gib']} | "
             f"{r['sample_tokens_per_s']:,} | {r['s_per_image']} | {r['sample_peak_gib']} |"
+        )
+
+
+def print_supervisor_table(rows: list[dict]) -> None:
+    columns = [
+        "supervisor",
+        "denoiser params",
+        "train step s (batch)",
+        "train peak GiB",
+        "s/image",
+        "sampling",
+    ]
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print(
+            f"| {r['supervisor']} | {r['denoiser_parameters'] / 1e9:.2f}B | "
+            f"{r['train_step_s']} ({r['train_batch']}) | {r['train_peak_gib']} | "
+            f"{r['s_per_image']} ({r['image_size']} px) | {r['sampling']} |"
         )
 
 

@@ -201,6 +201,26 @@ class RunParams(_Params):
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, random-weight tiny models: the whole pipeline in minutes; what tests and the demo run.
     "tiny": {},
+    # One 24 GB GPU: the paper's SDXL supervisor with a 1B student, fewer proxy images.
+    "small": {
+        "supervisor": {"backend": "sdxl", "micro_batch_size": 1},
+        "proxy": {"num_images": 200, "batch_size": 4},
+        "student": {
+            "backend": "janus-pro-1b",
+            "steps": 500,
+            "learning_rate": 1e-4,
+            "rank": 64,
+            "batch_size": 8,
+            "micro_batch_size": 2,
+        },
+        "evaluation": {
+            "clip_encoder": "clip-vit-b32",
+            "dino_encoder": "dino-vits16",
+            "num_prompts": 10,
+            "images_per_prompt": 2,
+            "batch_size": 4,
+        },
+    },
     # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
     "paper": {
         "supervisor": {"backend": "sdxl"},

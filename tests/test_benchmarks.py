@@ -26,6 +26,8 @@ def test_the_gpu_smoke_skips_without_a_gpu_and_dry_runs_on_tiny_models():
     assert "no CUDA GPU here; skipping" in run("benchmarks/gpu_smoke.py")
     out = run(
         "benchmarks/gpu_smoke.py",
+        "--supervisors",
+        "tiny-sd,tiny-flux",
         "--device",
         "cpu",
         "--models",
@@ -36,10 +38,25 @@ def test_the_gpu_smoke_skips_without_a_gpu_and_dry_runs_on_tiny_models():
         "2",
     )
     rows = [line for line in out.splitlines() if line.startswith("| tiny-")]
-    assert [row.split(" | ")[0] for row in rows] == ["| tiny-janus", "| tiny-lumina"]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| tiny-janus",
+        "| tiny-lumina",
+        "| tiny-sd",
+        "| tiny-flux",
+    ]
+    assert "| tiny-flux | " in out and "(64 px) | 10 steps, guidance 3.5 |" in out
     assert (
         "8 x 274 tokens (micro-batch 4)" in out
     )  # tiny-lumina: 16 rows of 16 codes + end-of-line, 2 end tokens
     checks = [json.loads(line) for line in out.splitlines() if line.startswith('{"check"')]
     assert [c["fast_equals_reference"] for c in checks] == [1.0, 1.0]
     assert all(c["finite"] and c["padded_loss_error"] < 1e-4 for c in checks)
+
+
+def test_the_proxy_batching_benchmark_prints_its_ratio():
+    out = (
+        run("benchmarks/proxy_batching.py", "--images", "4", "--batch", "2", "--steps", "2")
+        .strip()
+        .splitlines()
+    )
+    assert re.fullmatch(r"speed-up: \d+\.\d\dx", out[-1])
