@@ -8,6 +8,10 @@ configurations (`proxytune/backends/configs/`) directly on the GPU in bf16, then
 - sampling a batch of 16 images with classifier-free guidance through the students' shared
   loop (KV cache, both branches in one batch), then decoding them: image tokens/s and s/image.
 
+Then each real supervisor (SDXL, FLUX.1-dev, SD3.5 Large, SD3 Medium, SD 1.5) at full size:
+one LoRA step at its recipe's batch and native size (time, peak memory) and one image at
+native resolution with its reference steps and guidance.
+
 MFU counts 4 N FLOPs per trained token, N the parameters of the decoder layers and the head
 used at every position: 2 N forward, 2 N for the gradients to the activations (the frozen
 weights get none; LoRA, attention scores and recomputation are not counted), against

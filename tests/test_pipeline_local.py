@@ -33,6 +33,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     small = ["proxy.num_images=4", "supervisor.steps=4", "student.steps=4", "evaluation.num_prompts=1"]
     small.append("student.backend=tiny-lumina")  # the paper's student family, as a tiny model
     small.append("proxy.shards=2")  # each subject's proxy set drawn by two tasks, then merged
+    small.append("supervisor.backend=tiny-flux")  # a flow-matching DiT supervisor family
     arguments = [
         "run",
         "--local",
@@ -56,7 +57,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     report = (tmp_path / "report.html").read_text()
     assert "a sks teapot on top of pink fabric" not in report  # one prompt per subject
     assert "a sks teapot in the jungle" in report and "a ohwx dog in the jungle" in report
-    assert "Means over the subjects below" in report and "tiny-lumina" in report
+    assert "Means over the subjects below" in report and "tiny-lumina" in report and "tiny-flux" in report
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     experiment = client.get_experiment_by_name("proxytune").experiment_id
     (student,) = client.search_runs([experiment], filter_string="tags.`proxytune.stage` = 'tune_student'")
