@@ -48,6 +48,12 @@ def test_integral_floats_from_kfp_are_accepted():
         ({"evaluation.num_prompts": 26}, "evaluation.num_prompts: Input should be less than or equal to 25"),
         ({"proxy.prompt_template": "a {class_noun}"}, "prompt_template must contain {identifier}"),
         ({"proxy.prompt_template": "a {identifier} {colour}"}, "may use only {identifier} and {class_noun}"),
+        (
+            {"supervisor.resolution": 500},
+            "supervisor.resolution: Value error, resolution 500 must be a multiple of 64",
+        ),
+        ({"proxy.shards": 20}, "shards: 20 shards for 16 images leave some empty"),
+        ({"proxy.prompt_bank": ["a dog"]}, "prompt_bank[0] must contain {identifier}"),
     ],
 )
 def test_bad_overrides_name_the_field(overrides, message):

@@ -43,18 +43,22 @@ LAYOUTS = {
 PAPER_RANK = PRESETS["paper"]["student"]["rank"]
 
 
-@pytest.fixture(scope="module", params=sorted(TWINS))
-def twin(request, tmp_path_factory):
-    """(name, backend loaded back from the saved hub folder, the folder)."""
-    name = request.param
-    built = STUDENTS.create(name)
+def saved_and_reloaded(registry, name: str, tmp_path_factory):
+    """The one-layer twin of `name`, saved in its hub layout and loaded back from there."""
+    built = registry.create(name)
     built.load(CPU, ModelSource(f"random:{name}"), layers=1)
     folder = tmp_path_factory.mktemp(name)
     built.save(folder)
     del built
-    backend = STUDENTS.create(name)
+    backend = registry.create(name)
     backend.load(CPU, ModelSource(str(folder)))
-    return name, backend, folder
+    return backend, folder
+
+
+@pytest.fixture(scope="module", params=sorted(TWINS))
+def twin(request, tmp_path_factory):
+    """(name, backend loaded back from the saved hub folder, the folder)."""
+    return request.param, *saved_and_reloaded(STUDENTS, request.param, tmp_path_factory)
 
 
 def lora_modules(model, pattern: str) -> list[str]:
@@ -204,16 +208,9 @@ def supervisor_twin(request, tmp_path_factory):
     """(name, pipeline loaded back from the saved diffusers folder, in bf16, the folder)."""
     from proxytune.registry import SUPERVISORS
 
-    name = request.param
-    built = SUPERVISORS.create(name)
-    built.load(CPU, ModelSource(f"random:{name}"), layers=1)
-    folder = tmp_path_factory.mktemp(name)
-    built.save(folder)
-    del built
-    backend = SUPERVISORS.create(name)
-    backend.load(CPU, ModelSource(str(folder)))
+    backend, folder = saved_and_reloaded(SUPERVISORS, request.param, tmp_path_factory)
     backend.pipe.to(dtype=torch.bfloat16)  # as on a GPU; halves what the CPU moves
-    return name, backend, folder
+    return request.param, backend, folder
 
 
 def test_supervisor_twins_are_their_published_pipelines_in_the_diffusers_layout(supervisor_twin):
