@@ -104,11 +104,25 @@ def generate_proxy(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def merge_proxy(parts: Input[list[Dataset]], proxy: Output[Dataset]):
-    """The shards of a proxy Dataset joined into one, as an unsharded run draws it."""
+def merge_proxy(
+    parts: Input[list[Dataset]],
+    subject: Input[Dataset],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    proxy: Output[Dataset],
+):
+    """The shards of a proxy Dataset joined into one, as an unsharded run draws it (optionally
+    only the images most like the subject's photos)."""
     from proxytune.steps import merge_proxy_step
+    from proxytune.tracking import TrackingContext
 
-    proxy.metadata.update(merge_proxy_step([part.path for part in parts], proxy.path))
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    paths = [part.path for part in parts]
+    proxy.metadata.update(merge_proxy_step(paths, proxy.path, subject.path, preset, overrides, tracking))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

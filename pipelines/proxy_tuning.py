@@ -90,7 +90,9 @@ def build(parallelism: int | None = None):
         shards = proxy_shards(preset=preset, overrides=overrides)
         with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
             part = generate_proxy(supervisor=supervisor.outputs["supervisor"], shard=shard, **run)
-        proxy = merge_proxy(parts=dsl.Collected(part.outputs["proxy"]))
+        proxy = merge_proxy(
+            parts=dsl.Collected(part.outputs["proxy"]), subject=subject.outputs["subject"], **run
+        )
         for task in (subject, shards, proxy):
             _platform(task, gpu=False)
         for task in (supervisor, part):

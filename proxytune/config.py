@@ -98,6 +98,13 @@ class ProxyParams(_Params):
         [], description="more prompt templates; image i uses ([prompt_template] + bank)[i mod its length]"
     )
     shards: int = Field(1, gt=0, le=256, description="generation tasks, each on its own GPU pod")
+    keep_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="keep this share of the proxy images most like the subject photos "
+        "(DINO, evaluation.dino_encoder); default: keep all, as the paper does",
+    )
     shard_size: int = Field(1000, gt=0, description="images per folder of the dataset (shard-NNNNN/)")
     seed: int = 0
 

@@ -142,4 +142,5 @@ class ProxyInfo(_Contract):
     params: dict[str, Any]
     num_images: int
     part: list[int] | None = None  # [shard, shards] of a sharded generation; None: the whole dataset
+    selection: dict[str, Any] | None = None  # how the images were filtered from those drawn, if they were
     complete: bool = False

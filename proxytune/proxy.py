@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from proxytune.backends._base import default_device
+from proxytune.backends._base import ImageEncoder, default_device
 from proxytune.config import ProxyParams
 from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecord, read_adapter_card
 from proxytune.fsutil import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_json
@@ -32,6 +35,7 @@ from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
+SCORE_BATCH = 32
 
 
 def proxy_file(index: int, shard_size: int) -> str:
@@ -46,8 +50,12 @@ def read_manifest(dataset_dir: str | Path) -> list[ProxyRecord]:
     return [ProxyRecord.model_validate_json(line) for line in lines if line.strip()]
 
 
+def write_manifest_text(records: list[ProxyRecord]) -> str:
+    return "".join(json.dumps(r.model_dump(mode="json", exclude_none=True)) + "\n" for r in records)
+
+
 def write_manifest(dataset_dir: Path, records: list[ProxyRecord]) -> str:
-    text = "".join(json.dumps(r.model_dump(mode="json", exclude_none=True)) + "\n" for r in records)
+    text = write_manifest_text(records)
     atomic_write_text(dataset_dir / MANIFEST_FILE, text)
     return text
 
@@ -99,7 +107,7 @@ def generate_proxy(
         params.inference_steps, params.guidance_scale
     )
     recipe = {
-        **params.model_dump(exclude={"batch_size", "shards"}),
+        **params.model_dump(exclude={"batch_size", "shards", "keep_fraction"}),
         "inference_steps": steps,
         "guidance_scale": guidance,
     }
@@ -163,13 +171,28 @@ def generate_proxy(
     return info
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Keep the proxy images most like the subject: highest mean DINO cosine to its photos."""
+
+    photos: list[Image.Image]
+    encoder: ImageEncoder
+    keep_fraction: float
+
+
 def merge_proxy(
-    part_dirs: list[str | Path], out_dir: str | Path, store: ObjectStore | None = None
+    part_dirs: list[str | Path],
+    out_dir: str | Path,
+    store: ObjectStore | None = None,
+    selection: Selection | None = None,
 ) -> ProxyInfo:
-    """Join the parts of a sharded proxy Dataset (or pass one unsharded dataset through).
+    """Join the parts of a sharded proxy Dataset (or pass one unsharded dataset through), then
+    optionally keep only the images `selection` prefers.
 
     Every part must be complete and of the same recipe, and together they must cover every
-    shard once; the result is the dataset an unsharded run draws for the same seeds."""
+    shard once; unfiltered, the result is the dataset an unsharded run draws for the same
+    seeds. Filtered, every kept image's score is in the manifest and the dataset gets its own
+    content key (what was drawn stays in the store under the unfiltered key)."""
     parts = [(Path(d), ProxyInfo.read(Path(d) / PROXY_FILE)) for d in part_dirs]
     keys = {info.key for _, info in parts}
     if len(keys) != 1:
@@ -182,25 +205,61 @@ def merge_proxy(
     if incomplete:
         raise ValueError(f"incomplete proxy parts: {incomplete}")
     first = parts[0][1]
-    records = []
+    found = sorted(((d, r) for d, _ in parts for r in read_manifest(d)), key=lambda item: item[1].file)
+    if len(found) != first.num_images or len({r.file for _, r in found}) != len(found):
+        raise ValueError(f"proxy parts hold {len(found)} images for a dataset of {first.num_images}")
+    drawn = first.model_copy(update={"part": None, "complete": True})
+    info, kept = (drawn, found) if selection is None else _select(drawn, found, selection)
     with atomic_directory(out_dir) as tmp:
-        for directory, _ in parts:
-            for record in read_manifest(directory):
-                (tmp / record.file).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(directory / record.file, tmp / record.file)
-                records.append(record)
-        records.sort(key=lambda r: r.file)
-        if len(records) != first.num_images or len({r.file for r in records}) != len(records):
-            raise ValueError(f"proxy parts hold {len(records)} images for a dataset of {first.num_images}")
-        manifest = write_manifest(tmp, records)
-        info = first.model_copy(update={"part": None, "complete": True})
+        for directory, record in kept:
+            (tmp / record.file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / record.file, tmp / record.file)
+        write_manifest(tmp, [r for _, r in kept])
         info.write(tmp / PROXY_FILE)
     if store is not None and first.part:
-        remote = join("proxy", info.key)
-        store.put_bytes(join(remote, MANIFEST_FILE), manifest.encode())
-        store.put_file(join(remote, PROXY_FILE), Path(out_dir) / PROXY_FILE)
-    log.info("proxy dataset %s: %d images from %d part(s)", info.key[:12], len(records), len(parts))
+        remote = join("proxy", drawn.key)
+        store.put_bytes(join(remote, MANIFEST_FILE), write_manifest_text([r for _, r in found]).encode())
+        store.put_bytes(join(remote, PROXY_FILE), json.dumps(drawn.model_dump(mode="json")).encode())
+    log.info("proxy dataset %s: %d images from %d part(s)", info.key[:12], len(kept), len(parts))
     return info
+
+
+def _select(
+    drawn: ProxyInfo, found: list[tuple[Path, ProxyRecord]], selection: Selection
+) -> tuple[ProxyInfo, list[tuple[Path, ProxyRecord]]]:
+    references = selection.encoder.embed_images(selection.photos)
+    scores: list[float] = []
+    for start in tqdm(range(0, len(found), SCORE_BATCH), desc="scoring proxy images", mininterval=2.0):
+        batch = [Image.open(d / r.file).convert("RGB") for d, r in found[start : start + SCORE_BATCH]]
+        features = selection.encoder.embed_images(batch)
+        scores += (features @ references.T).mean(-1).tolist()
+    count = max(1, math.ceil(selection.keep_fraction * len(found)))
+    best = sorted(range(len(found)), key=lambda i: -scores[i])[:count]
+    kept = [
+        (d, r.model_copy(update={"scores": {**(r.scores or {}), "dino": scores[i]}}))
+        for i, (d, r) in enumerate(found)
+        if i in set(best)
+    ]
+    chosen = {
+        "encoder": selection.encoder.name,
+        "keep_fraction": selection.keep_fraction,
+        "drawn": len(found),
+    }
+    info = drawn.model_copy(
+        update={
+            "key": sha256_json({"drawn": drawn.key, **chosen}),
+            "num_images": len(kept),
+            "selection": chosen,
+        }
+    )
+    log.info(
+        "kept %d of %d proxy images (DINO to the photos >= %.4f; mean of all %.4f)",
+        len(kept),
+        len(found),
+        min(scores[i] for i in best),
+        sum(scores) / len(scores),
+    )
+    return info, kept
 
 
 def _index(record: ProxyRecord) -> int:

@@ -122,13 +122,37 @@ def generate_proxy_step(
         }
 
 
-def merge_proxy_step(part_dirs: list[str], out_dir: str) -> dict[str, Any]:
-    from proxytune.proxy import merge_proxy
+def merge_proxy_step(
+    part_dirs: list[str],
+    out_dir: str,
+    subject_dir: str,
+    preset: str,
+    overrides: dict[str, Any],
+    tracking: TrackingContext,
+) -> dict[str, Any]:
+    """Join the proxy shards; with `proxy.keep_fraction`, keep the images most like the photos."""
+    from proxytune.backends._base import default_device
+    from proxytune.ingest import load_subject
+    from proxytune.proxy import Selection, merge_proxy, read_manifest
+    from proxytune.registry import ENCODERS
     from proxytune.storage import store_from_env
 
     configure_logging()
-    info = merge_proxy(part_dirs, out_dir, store_from_env())
-    return {"images": info.num_images, "key": info.key}
+    params = RunParams.resolve(preset, overrides)
+    subject, photos = load_subject(subject_dir)
+    with stage_run(tracking, "merge_proxy", subject=subject.name) as tracker:
+        selection = None
+        if params.proxy.keep_fraction:
+            encoder = ENCODERS.create(params.evaluation.dino_encoder)
+            encoder.load(default_device())
+            selection = Selection(photos, encoder, params.proxy.keep_fraction)
+        info = merge_proxy(part_dirs, out_dir, store_from_env(), selection)
+        tracker.log_params({"keep_fraction": params.proxy.keep_fraction, "key": info.key})
+        tracker.log_metric("proxy_images", info.num_images)
+        if selection:
+            scores = [r.scores["dino"] for r in read_manifest(out_dir)]
+            tracker.log_metrics({"kept_dino_min": min(scores), "kept_dino_mean": sum(scores) / len(scores)})
+        return {"images": info.num_images, "key": info.key, "mlflow_run_id": tracker.run_id or ""}
 
 
 def tune_student_step(

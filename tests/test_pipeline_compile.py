@@ -73,7 +73,7 @@ def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(comp
         "tune-supervisor": {"ingest"},
         "proxy-shards": set(),
         "for-loop-1": {"proxy-shards", "tune-supervisor"},
-        "merge-proxy": {"for-loop-1"},
+        "merge-proxy": {"for-loop-1", "ingest"},
     }
     loop = tasks["subject"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
     assert loop == "pipelinechannel--proxy-shards-Output" and list(tasks["shards"]) == ["generate-proxy"]

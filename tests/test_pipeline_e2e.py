@@ -11,7 +11,16 @@ from proxytune.tracking import KFP_RUN_TAG, ROLE_TAG, STAGE_TAG
 from tests.conftest import S3_KEYS, s3_bucket
 
 pytestmark = [pytest.mark.servers, pytest.mark.pipeline]
-STAGES = {"plan", "ingest", "tune_supervisor", "generate_proxy", "tune_student", "evaluate", "register"}
+STAGES = {
+    "plan",
+    "ingest",
+    "merge_proxy",
+    "tune_supervisor",
+    "generate_proxy",
+    "tune_student",
+    "evaluate",
+    "register",
+}
 
 
 @pytest.fixture(scope="module")

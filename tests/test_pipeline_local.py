@@ -34,6 +34,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     small.append("student.backend=tiny-lumina")  # the paper's student family, as a tiny model
     small.append("proxy.shards=2")  # each subject's proxy set drawn by two tasks, then merged
     small.append("supervisor.backend=tiny-flux")  # a flow-matching DiT supervisor family
+    small.append("proxy.keep_fraction=0.75")  # keep the 3 of 4 proxy images most like the photos
     arguments = [
         "run",
         "--local",
@@ -61,7 +62,7 @@ def test_any_photo_folders_run_on_the_embedded_defaults_as_one_student(own_subje
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     experiment = client.get_experiment_by_name("proxytune").experiment_id
     (student,) = client.search_runs([experiment], filter_string="tags.`proxytune.stage` = 'tune_student'")
-    assert student.data.params["train_images"] == str(2 * 3)  # 4 proxy images per subject, 1 held out
+    assert student.data.params["train_images"] == str(2 * 2)  # 3 kept proxy images per subject, 1 held out
     manifests = sorted((tmp_path / "store" / "proxy").glob("*/manifest.jsonl"))
     assert len(manifests) == 2  # one merged dataset per subject
     for manifest in manifests:

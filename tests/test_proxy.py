@@ -184,3 +184,29 @@ def test_a_prompt_bank_cycles_and_evaluation_prompts_are_marked(supervisor_dir, 
     assert "'a sks dog in the snow' is a DreamBench evaluation prompt" in caplog.text
     with pytest.raises(ValueError, match=r"prompt_bank\[0\] must contain \{identifier\}"):
         ProxyParams(prompt_bank=["a dog"])
+
+
+def test_an_optional_filter_keeps_the_images_most_like_the_subject(supervisor_dir, subject_dir, tmp_path):
+    from proxytune.ingest import load_subject
+    from proxytune.proxy import Selection
+    from proxytune.registry import ENCODERS
+
+    generate_proxy(supervisor_dir, tmp_path / "drawn", SMALL, device=CPU)
+    encoder = ENCODERS.create("tiny-dino")
+    encoder.load(CPU)
+    _, photos = load_subject(subject_dir)
+    info = merge_proxy([tmp_path / "drawn"], tmp_path / "kept", selection=Selection(photos, encoder, 0.5))
+    _, drawn = load_proxy(tmp_path / "drawn")
+    references = encoder.embed_images(photos)
+    expected = {
+        r.file: (encoder.embed_images([Image.open(tmp_path / "drawn" / r.file)]) @ references.T).mean().item()
+        for r in drawn
+    }
+    best = sorted(expected, key=expected.get, reverse=True)[:4]
+    loaded, kept = load_proxy(tmp_path / "kept")
+    assert [r.file for r in kept] == sorted(best) and loaded == info
+    assert all(r.scores["dino"] == pytest.approx(expected[r.file], abs=1e-5) for r in kept)
+    assert info.selection == {"encoder": "tiny-dino", "keep_fraction": 0.5, "drawn": 8}
+    assert info.key != ProxyInfo.read(tmp_path / "drawn" / "proxy.json").key
+    unfiltered = merge_proxy([tmp_path / "drawn"], tmp_path / "all")
+    assert unfiltered == ProxyInfo.read(tmp_path / "drawn" / "proxy.json")
