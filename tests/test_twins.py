@@ -9,6 +9,8 @@ back through the backend's real loading path. Tiny models hide what only real sh
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -48,6 +50,9 @@ def saved_and_reloaded(registry, name: str, tmp_path_factory):
     built = registry.create(name)
     built.load(CPU, ModelSource(f"random:{name}"), layers=1)
     folder = tmp_path_factory.mktemp(name)
+    for part in ("model", "pipe", "vqgan"):  # stored in bf16 like the published weights: half the disk
+        if hasattr(built, part):
+            getattr(built, part).to(dtype=torch.bfloat16)
     built.save(folder)
     del built
     backend = registry.create(name)
@@ -58,7 +63,9 @@ def saved_and_reloaded(registry, name: str, tmp_path_factory):
 @pytest.fixture(scope="module", params=sorted(TWINS))
 def twin(request, tmp_path_factory):
     """(name, backend loaded back from the saved hub folder, the folder)."""
-    return request.param, *saved_and_reloaded(STUDENTS, request.param, tmp_path_factory)
+    backend, folder = saved_and_reloaded(STUDENTS, request.param, tmp_path_factory)
+    yield request.param, backend, folder
+    shutil.rmtree(folder)  # several GB each: CI disks are small
 
 
 def lora_modules(model, pattern: str) -> list[str]:
@@ -210,7 +217,8 @@ def supervisor_twin(request, tmp_path_factory):
 
     backend, folder = saved_and_reloaded(SUPERVISORS, request.param, tmp_path_factory)
     backend.pipe.to(dtype=torch.bfloat16)  # as on a GPU; halves what the CPU moves
-    return request.param, backend, folder
+    yield request.param, backend, folder
+    shutil.rmtree(folder)
 
 
 def test_supervisor_twins_are_their_published_pipelines_in_the_diffusers_layout(supervisor_twin):
