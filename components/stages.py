@@ -17,6 +17,7 @@ def plan(
     class_noun: str,
     subject_name: str,
     identifier: str,
+    proxy_uri: str,
     extra_subjects: list,
     preset: str,
     overrides: dict,
@@ -30,9 +31,14 @@ def plan(
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    return plan_step(
-        subject_uri, class_noun, subject_name, identifier, extra_subjects, preset, overrides, tracking
-    )
+    first = {
+        "uri": subject_uri,
+        "class_noun": class_noun,
+        "name": subject_name,
+        "identifier": identifier,
+        "proxy_uri": proxy_uri,
+    }
+    return plan_step([first, *extra_subjects], preset, overrides, tracking)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -74,11 +80,11 @@ def tune_supervisor(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def proxy_shards(preset: str, overrides: dict) -> list:
-    """The proxy generation shards to fan out over: [0, ..., proxy.shards - 1]."""
+def proxy_shards(planned: dict, preset: str, overrides: dict) -> list:
+    """The proxy generation shards to fan out over: [0, ..., proxy.shards - 1] ([0]: an import)."""
     from proxytune.steps import proxy_shards_step
 
-    return proxy_shards_step(preset, overrides)
+    return proxy_shards_step(planned, preset, overrides)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

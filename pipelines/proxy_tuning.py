@@ -3,11 +3,15 @@ in `proxy.shards` parts -> merge_proxy) -> tune_student on all proxy datasets ->
 register.
 
 One subject is the usual run (the Kubeflow UI asks for its URI and class noun);
-`extra_subjects` adds more, each `{"uri", "class_noun", "name"?, "identifier"?}`, for a
-multi-subject student. `plan` validates everything before any GPU step. The per-subject
-stages are a sub-pipeline in a ParallelFor over subjects, and inside it proxy generation is
-a ParallelFor over shards, each shard on its own GPU pod drawing a disjoint block of image
-indices (and so of seeds); the student and the evaluation take the collected datasets.
+`extra_subjects` adds more, each `{"uri", "class_noun", "name"?, "identifier"?, "proxy_uri"?}`,
+for a multi-subject student. `proxy_uri` (a folder or `s3://` prefix of images of the subject
+made by any other supervisor) imports the proxy set instead of drawing it: `tune_supervisor`
+then only records the black box, and one `generate_proxy` task imports the images.
+
+`plan` validates everything before any GPU step. The per-subject stages are a sub-pipeline
+in a ParallelFor over subjects, and inside it proxy generation is a ParallelFor over shards,
+each shard on its own GPU pod drawing a disjoint block of image indices (and so of seeds);
+the student and the evaluation take the collected datasets.
 
 Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
 - GPU steps request one `nvidia.com/gpu`, tolerate the GPU node pool's taint, mount a
@@ -87,7 +91,7 @@ def build(parallelism: int | None = None):
         run = {"preset": preset, "overrides": overrides, **tracking}
         subject = ingest(planned=planned, **tracking)
         supervisor = tune_supervisor(subject=subject.outputs["subject"], **run)
-        shards = proxy_shards(preset=preset, overrides=overrides)
+        shards = proxy_shards(planned=planned, preset=preset, overrides=overrides)
         with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
             part = generate_proxy(supervisor=supervisor.outputs["supervisor"], shard=shard, **run)
         proxy = merge_proxy(
@@ -113,6 +117,7 @@ def build(parallelism: int | None = None):
         class_noun: str,
         subject_name: str = "",
         identifier: str = "sks",
+        proxy_uri: str = "",
         extra_subjects: list = [],  # noqa: B006 (KFP needs a literal default)
         preset: str = "tiny",
         overrides: dict = {},  # noqa: B006 (KFP needs a literal default)
@@ -127,6 +132,7 @@ def build(parallelism: int | None = None):
             class_noun=class_noun,
             subject_name=subject_name,
             identifier=identifier,
+            proxy_uri=proxy_uri,
             extra_subjects=extra_subjects,
             preset=preset,
             overrides=overrides,

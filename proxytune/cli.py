@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="rare token bound to the subject, one per --subject (default: sks, then ohwx, zwx, ...)",
     )
+    run.add_argument(
+        "--proxy-from",
+        dest="proxy_uri",
+        action="append",
+        default=[],
+        metavar="DIR|s3://...",
+        help="import the subject's proxy images from here (made by any supervisor, with optional "
+        "<image stem>.txt captions) instead of tuning one; once per --subject, '' to draw them",
+    )
     run.add_argument("--preset", default="tiny", help="parameter preset: tiny (CPU, default) or paper (GPU)")
     run.add_argument(
         "--set",
@@ -148,11 +157,15 @@ def _subjects(args: argparse.Namespace, example: Path, example_class: str) -> li
             f"got {len(uris)} subject(s) and {len(nouns)} class noun(s)"
         )
     subjects = [{"uri": uri, "class_noun": noun} for uri, noun in zip(uris, nouns, strict=True)]
-    for flag, values in (("name", args.name), ("identifier", args.identifier)):
+    for flag, key, values in (
+        ("name", "name", args.name),
+        ("identifier", "identifier", args.identifier),
+        ("proxy-from", "proxy_uri", args.proxy_uri),
+    ):
         if values and len(values) != len(uris):
             raise ValueError(f"give --{flag} once per --subject or not at all")
         for subject, value in zip(subjects, values, strict=False):
-            subject[flag] = value
+            subject[key] = value
     return subjects
 
 
@@ -161,8 +174,7 @@ def _print_summary(summary: dict) -> None:
     table.add_column("model")
     for label in ("CLIP-I", "CLIP-T", "DINO"):
         table.add_column(label, justify="right")
-    for model in ("student", "supervisor"):
-        scores = summary["metrics"][model]
+    for model, scores in summary["metrics"].items():
         table.add_row(model, *(f"{scores[k]:.4f}" for k in ("clip_i", "clip_t", "dino")))
     console.print(table)
     model = summary["registered_model"]

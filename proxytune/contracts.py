@@ -19,6 +19,7 @@ CARD_FILE = "proxytune.json"
 MANIFEST_FILE = "manifest.jsonl"
 PROXY_FILE = "proxy.json"
 EVALUATION_FILE = "evaluation.json"
+IMPORTED = "imported"  # the supervisor backend of proxy images made elsewhere (a black box)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_*-]{0,31}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -54,6 +55,7 @@ class Subject(_Contract):
     identifier: str
     source_uri: str
     images: list[SubjectImage] = Field(min_length=1)
+    proxy_uri: str | None = Field(None, description="proxy images imported from here instead of drawn")
 
     @field_validator("name")
     @classmethod
@@ -77,6 +79,9 @@ class Subject(_Contract):
             raise ValueError("class noun must not be empty")
         return value
 
+    def ref(self) -> SubjectRef:
+        return SubjectRef(name=self.name, identifier=self.identifier, class_noun=self.class_noun)
+
 
 class SubjectRef(_Contract):
     """A subject an adapter was tuned on, and the identifier that calls it up."""
@@ -93,7 +98,8 @@ class ModelRef(_Contract):
 
 
 class AdapterCard(_Contract):
-    """`proxytune.json` beside a supervisor or student adapter."""
+    """`proxytune.json` beside a supervisor or student adapter; or, with backend `IMPORTED`,
+    the card of a black-box supervisor: no weights, `base_model.id` is where its images are."""
 
     kind: Literal["supervisor", "student"]
     backend: str
@@ -108,12 +114,18 @@ class AdapterCard(_Contract):
     adapter_sha256: str
     proxytune_version: str
 
+    @property
+    def imported(self) -> bool:
+        return self.backend == IMPORTED
+
 
 def read_adapter_card(adapter_dir: str | Path, kind: str) -> AdapterCard:
     """The adapter's card, after checking its kind and the weights' hash."""
     card = AdapterCard.read(Path(adapter_dir) / CARD_FILE)
     if card.kind != kind:
         raise ValueError(f"{adapter_dir} holds a {card.kind} adapter, expected a {kind} adapter")
+    if card.imported:
+        return card
     weights = Path(adapter_dir) / card.adapter_files[0]
     if not weights.is_file() or sha256_file(weights) != card.adapter_sha256:
         raise ValueError(f"{weights} is missing or does not match the sha256 in {CARD_FILE}")
@@ -125,8 +137,9 @@ class ProxyRecord(_Contract):
 
     file: str
     prompt: str
-    seed: int
+    seed: int | None = None  # None: imported, not drawn here
     supervisor: str
+    source: str | None = None  # the imported file it came from
     scores: dict[str, float] | None = None
     evaluation_prompt: bool | None = None  # True: the prompt is a DreamBench evaluation prompt
 

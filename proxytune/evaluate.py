@@ -142,7 +142,9 @@ def evaluate(
     and write samples, `evaluation.json` and `report.html` to `out_dir`.
 
     Several subjects (a multi-subject student) are scored one by one; the run's `metrics`
-    are their means. Returns the evaluation."""
+    are their means (a model's over the subjects it was sampled on: a black-box supervisor,
+    known only by its imported images, cannot draw the evaluation prompts). Returns the
+    evaluation."""
     tracker = tracker or Tracker()
     device = device or default_device()
     runs = pair_supervisors(_as_list(subject_dirs), _as_list(supervisor_dirs), params)
@@ -154,35 +156,37 @@ def evaluate(
     samples, cards = [], []
     offset = 0
     for run in runs:
-        supervisor_images, supervisor_card = _sample_supervisor(
-            run.supervisor_dir, run.prompts, params, device
-        )
-        _release(device)
-        samples.append(
-            {"student": student_images[offset : offset + len(run.prompts)], "supervisor": supervisor_images}
-        )
-        cards.append({"student": student_card, "supervisor": supervisor_card})
+        images = {"student": student_images[offset : offset + len(run.prompts)]}
+        card = read_adapter_card(run.supervisor_dir, "supervisor")
+        if card.imported:
+            log.info("%s: the supervisor is a black box (imported images); not sampled", run.subject.name)
+        else:
+            images["supervisor"], card = _sample_supervisor(run.supervisor_dir, run.prompts, params, device)
+            _release(device)
+        samples.append(images)
+        cards.append({"student": student_card, "supervisor": card})
         offset += len(run.prompts)
 
     encoders = Encoders.load(params, device)
     results = [_score(encoders, run, images, params) for run, images in zip(runs, samples, strict=True)]
     metrics = {
-        m: {k: sum(r["metrics"][m][k] for r in results) / len(results) for k in METRICS} for m in MODELS
+        m: {k: sum(s[m][k] for s in scored) / len(scored) for k in METRICS}
+        for m in MODELS
+        if (scored := [r["metrics"] for r in results if m in r["metrics"]])
     }
     for result in results:
-        for model in MODELS:
-            scores = result["metrics"][model]
+        for model, scores in result["metrics"].items():
             log.info(
                 "%s %s: %s", result["subject"], model, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
             )
-    tracker.log_metrics({f"{model}_{k}": v for model in MODELS for k, v in metrics[model].items()})
+    tracker.log_metrics({f"{model}_{k}": v for model, scores in metrics.items() for k, v in scores.items()})
     if len(results) > 1:
         tracker.log_metrics(
             {
                 f"{r['subject']}.{m}_{k}": v
                 for r in results
-                for m in MODELS
-                for k, v in r["metrics"][m].items()
+                for m, scores in r["metrics"].items()
+                for k, v in scores.items()
             }
         )
 
@@ -212,26 +216,27 @@ def evaluate(
 def _score(
     encoders: Encoders, run: SubjectRun, images: dict[str, list[Image.Image]], params: EvalParams
 ) -> dict:
-    """One subject's scores, totals and per prompt, and where its samples go."""
+    """One subject's scores, totals and per prompt, and where its samples go, for the models
+    sampled (a black-box supervisor is not)."""
     references = References.of(encoders, run.photos)
-    features = {model: Features.of(encoders, images[model], run.clean) for model in MODELS}
+    features = {model: Features.of(encoders, images[model], run.clean) for model in images}
     k = params.images_per_prompt
     name = run.subject.name
     return {
         "subject": name,
         "class_noun": run.subject.class_noun,
         "identifier": run.subject.identifier,
-        "metrics": {model: features[model].scores(references) for model in MODELS},
+        "metrics": {model: features[model].scores(references) for model in images},
         "per_prompt": {
             model: [
                 {"prompt": t, **features[model].scores(references, slice(p * k, (p + 1) * k))}
                 for p, t in enumerate(run.templates)
             ]
-            for model in MODELS
+            for model in images
         },
         "samples": [
             {"model": m, "index": i, "file": f"{name}/{m}/{i:03d}.png", "prompt": run.prompts[i]}
-            for m in MODELS
+            for m in images
             for i in range(len(run.prompts))
         ],
     }

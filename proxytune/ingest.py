@@ -7,9 +7,11 @@ with a message naming the file and leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from proxytune.storage import ObjectStore, join, open_s3_uri
 
 log = logging.getLogger(__name__)
 RECOMMENDED_COUNT = (3, 6)
+SUBJECT_KEYS = ("uri", "class_noun", "name", "identifier", "proxy_uri")
 SPARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "qxv", "vkz", "jqp", "pxw", "kzq")  # rare tokens
 
 
@@ -37,22 +40,34 @@ class SubjectPhoto:
     pixel_sha256: str
 
 
-def read_sources(source_uri: str) -> list[tuple[str, bytes]]:
-    """(file name, bytes) of every non-hidden file directly inside the source, sorted."""
+@dataclass(frozen=True)
+class SourceFile:
+    """A file of a source folder or prefix, read only when needed (a proxy import holds ~1000)."""
+
+    name: str
+    read: Callable[[], bytes]
+
+
+def list_sources(source_uri: str, what: str = "subject") -> list[SourceFile]:
+    """Every non-hidden file directly inside the source (`what` names it in errors), sorted by name."""
     if source_uri.startswith("s3://"):
         store, prefix = open_s3_uri(source_uri)
         keys = [
             k for k in store.list(prefix + "/" if prefix else "") if "/" not in k[len(prefix) :].strip("/")
         ]
         files = [(k.rsplit("/", 1)[-1], k) for k in keys]
-        return [(name, store.get_bytes(key)) for name, key in files if not name.startswith(".")]
+        return [
+            SourceFile(name, functools.partial(store.get_bytes, key))
+            for name, key in sorted(files)
+            if not name.startswith(".")
+        ]
     folder = Path(source_uri).expanduser()
     if not folder.exists():
-        raise IngestError(f"subject folder {folder} does not exist")
+        raise IngestError(f"{what} folder {folder} does not exist")
     if not folder.is_dir():
-        raise IngestError(f"subject source {folder} is not a folder")
+        raise IngestError(f"{what} source {folder} is not a folder")
     paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [(p.name, p.read_bytes()) for p in paths]
+    return [SourceFile(p.name, p.read_bytes) for p in paths]
 
 
 def decode_photo(name: str, data: bytes) -> SubjectPhoto:
@@ -70,12 +85,13 @@ def decode_photo(name: str, data: bytes) -> SubjectPhoto:
 
 def scan_subject(source_uri: str) -> list[SubjectPhoto]:
     """Read and decode every photo of a subject, duplicates removed; raises IngestError."""
-    sources = read_sources(source_uri)
+    sources = list_sources(source_uri)
     if not sources:
         raise IngestError(f"no images in {source_uri}")
     photos: dict[str, SubjectPhoto] = {}
-    for name, data in sources:
-        photo = decode_photo(name, data)
+    for source in sources:
+        name = source.name
+        photo = decode_photo(name, source.read())
         if photo.pixel_sha256 in photos:
             log.warning("%s duplicates %s; skipped", name, photos[photo.pixel_sha256].source)
             continue
@@ -88,13 +104,17 @@ def scan_subject(source_uri: str) -> list[SubjectPhoto]:
     return list(photos.values())
 
 
-def subject_fields(source_uri: str, class_noun: str, name: str | None, identifier: str) -> dict[str, str]:
-    """The subject's descriptive fields, validated (raises IngestError) before any photo is read."""
+def subject_fields(
+    source_uri: str, class_noun: str, name: str | None, identifier: str, proxy_uri: str | None = None
+) -> dict[str, str]:
+    """The subject's descriptive fields, validated (raises IngestError) before any photo is read;
+    `proxy_uri` only when the proxy images are imported instead of drawn."""
     fields = dict(
         name=name or default_subject_name(source_uri),
         class_noun=class_noun,
         identifier=identifier,
         source_uri=source_uri,
+        **({"proxy_uri": proxy_uri} if proxy_uri else {}),
     )
     try:
         Subject.model_validate({**fields, "images": [{"file": "-", "sha256": "-"}]})
@@ -105,19 +125,17 @@ def subject_fields(source_uri: str, class_noun: str, name: str | None, identifie
 
 
 def plan_subjects(subjects: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The validated fields of every subject of a run (`uri`, `class_noun`, optional `name` and
-    `identifier` in; `subject_fields` out), before any photo is read.
+    """The validated fields of every subject of a run (`uri`, `class_noun`, optional `name`,
+    `identifier` and `proxy_uri` in; `subject_fields` out), before any photo is read.
 
     A multi-subject student tells its subjects apart by their identifiers, so they must differ:
     a subject without one gets the first of `SPARE_IDENTIFIERS` not taken; names must differ too
     (they name the datasets, the report sections and the registered model)."""
     if not subjects:
         raise IngestError("a run needs at least one subject")
-    unknown = {k for s in subjects for k in s} - {"uri", "class_noun", "name", "identifier"}
+    unknown = {k for s in subjects for k in s} - set(SUBJECT_KEYS)
     if unknown:
-        raise IngestError(
-            f"unknown subject field(s) {sorted(unknown)}; use uri, class_noun, name, identifier"
-        )
+        raise IngestError(f"unknown subject field(s) {sorted(unknown)}; use {', '.join(SUBJECT_KEYS)}")
     taken = {s["identifier"] for s in subjects if s.get("identifier")}
     spare = (i for i in SPARE_IDENTIFIERS if i not in taken)
     planned = []
@@ -128,7 +146,13 @@ def plan_subjects(subjects: list[dict[str, str]]) -> list[dict[str, str]]:
         if identifier is None:
             raise IngestError(f"more than {len(SPARE_IDENTIFIERS)} subjects: give each its own identifier")
         planned.append(
-            subject_fields(subject["uri"], subject["class_noun"], subject.get("name") or None, identifier)
+            subject_fields(
+                subject["uri"],
+                subject["class_noun"],
+                subject.get("name") or None,
+                identifier,
+                subject.get("proxy_uri") or None,
+            )
         )
     for field in ("name", "identifier"):
         values = [p[field] for p in planned]
@@ -150,10 +174,12 @@ def ingest(
     name: str | None = None,
     identifier: str = "sks",
     store: ObjectStore | None = None,
+    proxy_uri: str | None = None,
 ) -> Subject:
     """Write the subject Dataset to `out_dir` (atomically) and, if given, publish it to
-    `store` under `subjects/<content hash>/`."""
-    draft = subject_fields(source_uri, class_noun, name, identifier)
+    `store` under `subjects/<content hash>/`. `proxy_uri`: the subject's proxy images are
+    imported from there (a black-box supervisor) instead of drawn by a tuned one."""
+    draft = subject_fields(source_uri, class_noun, name, identifier, proxy_uri)
     photos = scan_subject(source_uri)
     with atomic_directory(out_dir) as tmp:
         (tmp / "images").mkdir()
@@ -176,12 +202,13 @@ def ingest(
 
 
 def subject_key(subject: Subject) -> str:
-    """Content address of a subject dataset: its pixels, class noun and identifier."""
+    """Content address of a subject dataset: its pixels, class noun, identifier and proxy import."""
     return sha256_json(
         {
             "images": [i.sha256 for i in subject.images],
             "class_noun": subject.class_noun,
             "identifier": subject.identifier,
+            **({"proxy_uri": subject.proxy_uri} if subject.proxy_uri else {}),
         }
     )
 

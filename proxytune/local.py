@@ -24,6 +24,7 @@ from typing import Any
 from proxytune.config import RunParams
 from proxytune.fsutil import atomic_write_json
 from proxytune.ingest import plan_subjects, scan_subject
+from proxytune.proxy import check_proxy_import
 from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -65,27 +66,30 @@ def run_local(
 ) -> dict[str, Any]:
     """Validate the inputs, run the pipeline, write and return `<workdir>/summary.json`.
 
-    `subjects`: one dict per subject, `uri` and `class_noun`, optional `name` and
-    `identifier`; several make a multi-subject student. Bad inputs raise ValueError before
-    any task starts; a failed task gives a summary with status "failed" (and RuntimeError
-    from kfp)."""
+    `subjects`: one dict per subject, `uri` and `class_noun`, optional `name`, `identifier`
+    and `proxy_uri` (import the proxy images from there); several make a multi-subject
+    student. Bad inputs (photos and proxy imports included) raise ValueError before any task
+    starts; a failed task gives a summary with status "failed" (and RuntimeError from kfp)."""
     from kfp import local
 
     from pipelines.proxy_tuning import build
 
     overrides = overrides or {}
     workdir = Path(workdir).resolve()
-    subjects = [{**s, "uri": _absolute(s["uri"])} if s.get("uri") else s for s in subjects]
+    subjects = [{**s, **{k: _absolute(s[k]) for k in ("uri", "proxy_uri") if s.get(k)}} for s in subjects]
     RunParams.resolve(preset, overrides)
     planned = plan_subjects(subjects)
     for subject in planned:
         scan_subject(subject["source_uri"])
+        if subject.get("proxy_uri"):
+            check_proxy_import(subject["proxy_uri"], subject["identifier"])
     first, *extra = [
         {
             "uri": p["source_uri"],
             "class_noun": p["class_noun"],
             "name": p["name"],
             "identifier": p["identifier"],
+            "proxy_uri": p.get("proxy_uri", ""),
         }
         for p in planned
     ]
@@ -107,6 +111,7 @@ def run_local(
                 class_noun=first["class_noun"],
                 subject_name=first["name"],
                 identifier=first["identifier"],
+                proxy_uri=first["proxy_uri"],
                 extra_subjects=extra,
                 preset=preset,
                 overrides=overrides,

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +25,18 @@ from tqdm.auto import tqdm
 
 from proxytune.backends._base import ImageEncoder, default_device
 from proxytune.config import ProxyParams
-from proxytune.contracts import MANIFEST_FILE, PROXY_FILE, ProxyInfo, ProxyRecord, read_adapter_card
+from proxytune.contracts import (
+    IMPORTED,
+    MANIFEST_FILE,
+    PROXY_FILE,
+    ProxyInfo,
+    ProxyRecord,
+    SubjectRef,
+    read_adapter_card,
+)
 from proxytune.fsutil import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_json
 from proxytune.images import png_bytes
+from proxytune.ingest import IngestError, SourceFile, decode_photo, list_sources
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import SUPERVISORS
 from proxytune.storage import ObjectStore, join
@@ -36,6 +45,7 @@ from proxytune.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 32
+CAPTION_SUFFIX = ".txt"
 
 
 def proxy_file(index: int, shard_size: int) -> str:
@@ -72,15 +82,19 @@ def part_manifest(shard: int, shards: int) -> str:
     return f"parts/{shard:03d}-of-{shards:03d}.jsonl"
 
 
-def proxy_prompts(params: ProxyParams, identifier: str, class_noun: str) -> tuple[list[str], set[str]]:
-    """The prompts image i cycles through, and those that are DreamBench evaluation prompts
-    (training on those would flatter the student's evaluation)."""
-    prompts = [fill(t, identifier, class_noun) for t in [params.prompt_template, *params.prompt_bank]]
+def proxy_prompts(params: ProxyParams, identifier: str, class_noun: str) -> list[str]:
+    """The prompts image i cycles through."""
+    return [fill(t, identifier, class_noun) for t in [params.prompt_template, *params.prompt_bank]]
+
+
+def evaluation_overlap(prompts: Iterable[str], identifier: str, class_noun: str) -> set[str]:
+    """Those of `prompts` that are DreamBench evaluation prompts (training on those would
+    flatter the student's evaluation): warned about, and marked in the manifest."""
     evaluation = {_normal(fill(t, identifier, class_noun)) for t in dreambench_prompts(class_noun)}
     overlapping = {p for p in prompts if _normal(p) in evaluation}
     for prompt in sorted(overlapping):
         log.warning("proxy prompt %r is a DreamBench evaluation prompt; marked in the manifest", prompt)
-    return prompts, overlapping
+    return overlapping
 
 
 def _normal(prompt: str) -> str:
@@ -98,11 +112,15 @@ def generate_proxy(
 ) -> ProxyInfo:
     """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`,
     or with `params.shards` > 1 its part `shard` (images `part_indices(...)`), which
-    `merge_proxy` joins into the dataset an unsharded run gives for the same seeds."""
+    `merge_proxy` joins into the dataset an unsharded run gives for the same seeds. A black-box
+    supervisor's card (`IMPORTED`) imports its images instead (`import_proxy`)."""
     tracker = tracker or Tracker()
     card = read_adapter_card(supervisor_dir, "supervisor")
     (subject,) = card.subjects
-    prompts, overlapping = proxy_prompts(params, subject.identifier, subject.class_noun)
+    if card.imported:
+        return import_proxy(card.base_model.id, out_dir, subject, params, tracker)
+    prompts = proxy_prompts(params, subject.identifier, subject.class_noun)
+    overlapping = evaluation_overlap(prompts, subject.identifier, subject.class_noun)
     steps, guidance = SUPERVISORS.create(card.backend).generation(
         params.inference_steps, params.guidance_scale
     )
@@ -169,6 +187,99 @@ def generate_proxy(
     if store is not None and part is None:
         store.put_file(join(remote, PROXY_FILE), out / PROXY_FILE)
     return info
+
+
+def import_proxy(
+    source_uri: str,
+    out_dir: str | Path,
+    subject: SubjectRef,
+    params: ProxyParams,
+    tracker: Tracker | None = None,
+) -> ProxyInfo:
+    """Images of the subject made elsewhere (any supervisor, e.g. AttnDreamBooth outputs), from a
+    folder or `s3://` prefix, as a proxy Dataset like a drawn one: the student needs only images.
+
+    Every image is decoded and normalised as ingest does (a corrupt file fails, naming it, and
+    nothing is written) and exact duplicates are dropped. An image's prompt is its caption file
+    `<stem>.txt` if there is one (it must name the subject's identifier), else the proxy prompt
+    a drawn image of that index would get. One task imports the whole set: it is I/O, not GPU."""
+    tracker = tracker or Tracker()
+    images, captions = _import_sources(source_uri)
+    prompts = proxy_prompts(params, subject.identifier, subject.class_noun)
+    records: list[ProxyRecord] = []
+    pixels: dict[str, str] = {}
+    with atomic_directory(out_dir) as tmp:
+        for source in tqdm(images, desc="importing proxy images", unit="img", mininterval=2.0):
+            photo = decode_photo(source.name, source.read())
+            if photo.pixel_sha256 in pixels:
+                log.warning("%s duplicates %s; skipped", source.name, pixels[photo.pixel_sha256])
+                continue
+            pixels[photo.pixel_sha256] = source.name
+            index = len(records)
+            prompt = _caption(captions, source.name, subject.identifier) or prompts[index % len(prompts)]
+            file = proxy_file(index, params.shard_size)
+            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(tmp / file, png_bytes(photo.image))
+            records.append(ProxyRecord(file=file, prompt=prompt, supervisor=IMPORTED, source=source.name))
+        overlapping = evaluation_overlap({r.prompt for r in records}, subject.identifier, subject.class_noun)
+        for record in records:
+            record.evaluation_prompt = record.prompt in overlapping or None
+        recipe = {"source_uri": source_uri, **params.model_dump(include={"prompt_template", "prompt_bank"})}
+        info = ProxyInfo(
+            key=sha256_json({"pixels": list(pixels), "prompts": [r.prompt for r in records], **recipe}),
+            subject=subject.name,
+            identifier=subject.identifier,
+            class_noun=subject.class_noun,
+            supervisor=f"{IMPORTED}:{source_uri}",
+            params=recipe,
+            num_images=len(records),
+            complete=True,
+        )
+        write_manifest(tmp, records)
+        info.write(tmp / PROXY_FILE)
+    tracker.log_params({"source_uri": source_uri, "key": info.key, "supervisor": IMPORTED})
+    tracker.log_metric("proxy_images", len(records))
+    log.info("imported %d proxy images of %s from %s", len(records), subject.name, source_uri)
+    return info
+
+
+def check_proxy_import(source_uri: str, identifier: str) -> int:
+    """Validate a proxy import without writing anything (every image decoded, one at a time,
+    every caption checked); returns its image count. Raises IngestError naming the problem."""
+    images, captions = _import_sources(source_uri)
+    for source in images:
+        decode_photo(source.name, source.read())
+        _caption(captions, source.name, identifier)
+    return len(images)
+
+
+def _import_sources(source_uri: str) -> tuple[list[SourceFile], dict[str, SourceFile]]:
+    """The image files of an import and its caption files by stem."""
+    files = list_sources(source_uri, what="proxy import")
+    captions = {Path(f.name).stem: f for f in files if f.name.lower().endswith(CAPTION_SUFFIX)}
+    images = [f for f in files if not f.name.lower().endswith(CAPTION_SUFFIX)]
+    if not images:
+        raise IngestError(f"no images in proxy import {source_uri}")
+    orphans = sorted(set(captions) - {Path(f.name).stem for f in images})
+    if orphans:
+        raise IngestError(f"proxy import {source_uri}: {orphans[0]}{CAPTION_SUFFIX} captions no image")
+    return images, captions
+
+
+def _caption(captions: dict[str, SourceFile], image_name: str, identifier: str) -> str | None:
+    source = captions.get(Path(image_name).stem)
+    if source is None:
+        return None
+    try:
+        caption = " ".join(source.read().decode("utf-8").split())
+    except UnicodeDecodeError:
+        raise IngestError(f"{source.name}: a caption must be UTF-8 text") from None
+    if identifier not in caption.split():
+        raise IngestError(
+            f"{source.name}: the caption {caption!r} does not name the subject's identifier {identifier!r} "
+            "(the student learns the subject from it; set the subject's identifier to the one used)"
+        )
+    return caption
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def register(
         )
     tags = {
         **{k: f"{v:.6f}" for k, v in student.items()},
-        **{f"supervisor_{k}": f"{v:.6f}" for k, v in metrics["supervisor"].items()},
+        **{f"supervisor_{k}": f"{v:.6f}" for k, v in metrics.get("supervisor", {}).items()},
         "subjects": ",".join(s["subject"] for s in evaluation["subjects"]),
         "class_nouns": ",".join(s["class_noun"] for s in evaluation["subjects"]),
         KFP_RUN_TAG: context.kfp_run_id,

@@ -42,7 +42,7 @@ def write_report(
     parts = [
         f"<h1>Proxy-Tuning report: {_e(names)}</h1>",
         f"<p>Student <b>{_e(student['backend'])}</b> (sampling: {_e(sampling)}) tuned on proxy images "
-        f"from {_e(', '.join(sorted({c['supervisor'].backend for c in cards})))}.</p>",
+        f"from {_e(', '.join(sorted({_supervisor(c['supervisor']) for c in cards})))}.</p>",
         "<h2>Subject fidelity</h2>",
         _metrics_table(evaluation["metrics"]),
         f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_e(evaluation['encoders']['clip'])}, "
@@ -73,7 +73,7 @@ def _subject_section(
     ]
     for p, row in enumerate(result["per_prompt"]["student"]):
         cells = []
-        for model in ("student", "supervisor"):
+        for model in images:
             grid = image_grid(
                 images[model][p * per_prompt : (p + 1) * per_prompt], columns=per_prompt, cell=THUMB
             )
@@ -96,16 +96,28 @@ def _img(image: Image.Image) -> str:
     return f"<img alt='' src='{data_uri(image)}'>"
 
 
+def _supervisor(card: AdapterCard) -> str:
+    return f"a black box (images imported from {card.base_model.id})" if card.imported else card.backend
+
+
 def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Student beside the supervisor, the better one marked; the student alone when no
+    supervisor was sampled (a black box)."""
+    both = "supervisor" in metrics
     rows = []
     for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
-        student, supervisor = metrics["student"][key], metrics["supervisor"][key]
-        cls = ("best", "") if student >= supervisor else ("", "best")
-        rows.append(
-            f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td>"
-            f"<td class='{cls[1]}'>{supervisor:.4f}</td><td>{student - supervisor:+.4f}</td></tr>"
-        )
-    head = "<tr><th>metric</th><th>student</th><th>supervisor</th><th>student − supervisor</th></tr>"
+        student = metrics["student"][key]
+        if both:
+            supervisor = metrics["supervisor"][key]
+            cls = ("best", "") if student >= supervisor else ("", "best")
+            rows.append(
+                f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td>"
+                f"<td class='{cls[1]}'>{supervisor:.4f}</td><td>{student - supervisor:+.4f}</td></tr>"
+            )
+        else:
+            rows.append(f"<tr><td>{label}</td><td>{student:.4f}</td></tr>")
+    columns = ["metric", "student", *(["supervisor", "student − supervisor"] if both else [])]
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -118,10 +130,12 @@ def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[s
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.2), dpi=90)
-    for card in (c["supervisor"] for c in cards):
+    trained = [c["supervisor"] for c in cards if not c["supervisor"].imported]
+    for card in trained:
         axes[0].plot(range(1, len(card.losses) + 1), card.losses, lw=1, label=card.subjects[0].name)
-    axes[0].set_title(f"supervisor training loss ({cards[0]['supervisor'].backend})")
-    if len(cards) > 1:
+    backends = ", ".join(sorted({c.backend for c in trained})) or "none trained: imported images"
+    axes[0].set_title(f"supervisor training loss ({backends})")
+    if len(trained) > 1:
         axes[0].legend(fontsize="small")
     student = cards[0]["student"]
     axes[1].plot(range(1, len(student.losses) + 1), student.losses, lw=1, label="train (batch)")
@@ -137,7 +151,7 @@ def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[s
     for axis in axes[:2]:
         axis.set_xlabel("step")
     keys = ("clip_i", "clip_t", "dino")
-    for offset, model in ((-0.2, "student"), (0.2, "supervisor")):
+    for offset, model in zip((-0.2, 0.2), metrics, strict=False):
         axes[2].bar([i + offset for i in range(3)], [metrics[model][k] for k in keys], width=0.4, label=model)
     axes[2].set_xticks(range(3), ["CLIP-I", "CLIP-T", "DINO"])
     axes[2].legend()

@@ -35,23 +35,19 @@ def configure_logging() -> None:
 
 
 def plan_step(
-    subject_uri: str,
-    class_noun: str,
-    subject_name: str,
-    identifier: str,
-    extra_subjects: list[dict[str, str]],
-    preset: str,
-    overrides: dict[str, Any],
-    tracking: TrackingContext,
+    subjects: list[dict[str, str]], preset: str, overrides: dict[str, Any], tracking: TrackingContext
 ) -> list[dict[str, str]]:
-    """Validate the whole run (parameters and every subject) before any GPU step; returns
-    the subjects the pipeline fans out over."""
+    """Validate the whole run (parameters, every subject, every proxy import) before any GPU
+    step; returns the subjects the pipeline fans out over."""
     from proxytune.ingest import plan_subjects
+    from proxytune.proxy import check_proxy_import
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
-    first = {"uri": subject_uri, "class_noun": class_noun, "name": subject_name, "identifier": identifier}
-    subjects = plan_subjects([first, *extra_subjects])
+    subjects = plan_subjects(subjects)
+    for subject in subjects:
+        if subject.get("proxy_uri"):
+            check_proxy_import(subject["proxy_uri"], subject["identifier"])
     with stage_run(tracking, "plan") as tracker:  # opens the parent run before the fan-out
         tracker.log_params({"preset": preset, "overrides": json.dumps(overrides, sort_keys=True)})
         tracker.log_params({"run": params.model_dump()})
@@ -73,6 +69,7 @@ def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext
             planned["name"],
             planned["identifier"],
             store_from_env(),
+            planned.get("proxy_uri"),
         )
         tracker.log_params(subject.model_dump(exclude={"images"}))
         tracker.log_metric("photos", len(subject.images))
@@ -94,8 +91,9 @@ def tune_supervisor_step(
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
 
-def proxy_shards_step(preset: str, overrides: dict[str, Any]) -> list[int]:
-    return list(range(RunParams.resolve(preset, overrides).proxy.shards))
+def proxy_shards_step(planned: dict[str, str], preset: str, overrides: dict[str, Any]) -> list[int]:
+    """One shard per `proxy.shards`; one for a subject whose proxy images are imported."""
+    return [0] if planned.get("proxy_uri") else list(range(RunParams.resolve(preset, overrides).proxy.shards))
 
 
 def generate_proxy_step(

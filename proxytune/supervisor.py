@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from proxytune import __version__
 from proxytune.backends._base import ModelSource, default_device
 from proxytune.backends._diffusion import DiffusionSupervisor, repeat
 from proxytune.config import SupervisorParams
-from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
+from proxytune.contracts import CARD_FILE, IMPORTED, AdapterCard, ModelRef, Subject, read_adapter_card
 from proxytune.images import to_tensor
 from proxytune.ingest import load_subject, subject_key
 from proxytune.prompts import INSTANCE_TEMPLATE, fill
@@ -34,9 +35,12 @@ def tune_supervisor(
 ) -> AdapterCard:
     """DreamBooth-LoRA on `a {identifier} {class_noun}`; writes the adapter to `out_dir`.
     Unset training values follow the backend's recipe; with a `store`, training checkpoints
-    there and a re-run resumes."""
+    there and a re-run resumes. A subject whose proxy images are imported gets the card of a
+    black-box supervisor instead: nothing is loaded or trained."""
     tracker = tracker or Tracker()
     subject, photos = load_subject(subject_dir)
+    if subject.proxy_uri:
+        return black_box_supervisor(subject, out_dir, tracker)
     backend: DiffusionSupervisor = SUPERVISORS.create(params.backend)
     params = params.with_recipe(backend.recipe)
     source = ModelSource(params.model_source) if params.model_source else backend.source
@@ -75,9 +79,7 @@ def tune_supervisor(
         kind="supervisor",
         backend=backend.name,
         source=source,
-        subjects=[
-            SubjectRef(name=subject.name, identifier=subject.identifier, class_noun=subject.class_noun)
-        ],
+        subjects=[subject.ref()],
         params=recorded,
     )
     return tune_adapter(
@@ -93,11 +95,39 @@ def tune_supervisor(
     )
 
 
+def black_box_supervisor(subject: Subject, out_dir: str | Path, tracker: Tracker) -> AdapterCard:
+    """The card of a supervisor known only by its images (at `subject.proxy_uri`)."""
+    card = AdapterCard(
+        kind="supervisor",
+        backend=IMPORTED,
+        base_model=ModelRef(id=subject.proxy_uri),
+        subjects=[subject.ref()],
+        params={"proxy_uri": subject.proxy_uri},
+        steps_done=0,
+        losses=[],
+        loss_before={},
+        loss_after={},
+        adapter_files=[],
+        adapter_sha256="",
+        proxytune_version=__version__,
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    card.write(Path(out_dir) / CARD_FILE)
+    tracker.log_params({"backend": IMPORTED, "proxy_uri": subject.proxy_uri})
+    log.info("supervisor of %s: a black box, images imported from %s", subject.name, subject.proxy_uri)
+    return card
+
+
 def load_supervisor(
     adapter_dir: str | Path, device: torch.device | None = None
 ) -> tuple[DiffusionSupervisor, AdapterCard]:
     """Base pipeline + the adapter in `adapter_dir`, checked against its card."""
     card = read_adapter_card(adapter_dir, "supervisor")
+    if card.imported:
+        raise ValueError(
+            f"{adapter_dir}: the supervisor of {card.subjects[0].name} is a black box (its images were "
+            f"imported from {card.base_model.id}); it cannot draw"
+        )
     backend: DiffusionSupervisor = SUPERVISORS.create(card.backend)
     backend.load(device or default_device(), ModelSource(card.base_model.id, card.base_model.revision))
     backend.resolution = card.params["resolution"]

@@ -34,6 +34,8 @@ def test_backends_lists_every_registered_backend_by_kind(capsys):
         (["--set", "student.steps=-1"], "student.steps: Input should be greater than 0"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--identifier", "s k s"], "must be one word"),
+        (["--proxy-from", "{tmp}", "--proxy-from", "{tmp}"], "give --proxy-from once per --subject"),
+        (["--proxy-from", "{tmp}"], "no images in proxy import"),
     ],
 )
 def test_bad_input_fails_before_the_pipeline_starts(tmp_path, capsys, arguments, message):
