@@ -8,14 +8,22 @@ renamed into place (rename is atomic on POSIX file systems).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+PROGRESS_MIN_BYTES = 64 << 20  # files below this download without a progress bar
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,6 +41,66 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy a file (streamed, never whole in memory) so that `path` appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def resumable_download(
+    path: str | os.PathLike, size: int, version: str, read_from: Callable[[int], Iterable[bytes]]
+) -> None:
+    """Stream `size` bytes to `path` in chunks, resuming a partial download of the same object
+    `version` (an ETag) left by an interrupted run; `path` appears only when complete.
+
+    `read_from(offset)` yields the object's bytes from `offset` on. The partial file is a
+    hidden sibling named after the version, so a changed object never resumes a stale one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^0-9A-Za-z]", "", version)[:16]
+    part = path.parent / f".{path.name}.{tag}.part"
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        if stale != part:
+            stale.unlink(missing_ok=True)
+    offset = part.stat().st_size if part.is_file() else 0
+    if offset > size:
+        part.unlink()
+        offset = 0
+    if offset:
+        log.info("resuming %s at %d of %d bytes", path.name, offset, size)
+    with (
+        open(part, "ab") as f,
+        tqdm(
+            total=size,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            desc=path.name,
+            disable=size < PROGRESS_MIN_BYTES,
+            mininterval=2.0,
+        ) as progress,
+    ):
+        for chunk in read_from(offset) if offset < size else ():
+            f.write(chunk)
+            progress.update(len(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    if part.stat().st_size != size:
+        raise OSError(f"{path.name}: downloaded {part.stat().st_size} of {size} bytes")
+    os.chmod(part, 0o644)
+    os.replace(part, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

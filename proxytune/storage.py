@@ -16,15 +16,17 @@ from __future__ import annotations
 import io
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from proxytune.fsutil import atomic_write_bytes
+from proxytune.fsutil import atomic_copy, atomic_write_bytes, resumable_download
 
 ENDPOINT_ENV = "PROXYTUNE_S3_ENDPOINT_URL"
 BUCKET_ENV = "PROXYTUNE_S3_BUCKET"
 STORE_DIR_ENV = "PROXYTUNE_STORE_DIR"
 DEFAULT_BUCKET = "proxytune"
+CHUNK = 8 << 20
 
 
 class ObjectStore(ABC):
@@ -53,11 +55,13 @@ class ObjectStore(ABC):
         for key in self.list(prefix.rstrip("/") + "/"):
             self.delete(key)
 
+    @abstractmethod
     def put_file(self, key: str, path: str | os.PathLike) -> None:
-        self.put_bytes(key, Path(path).read_bytes())
+        """Upload a file, streamed (model shards are several GB)."""
 
+    @abstractmethod
     def get_file(self, key: str, path: str | os.PathLike) -> None:
-        atomic_write_bytes(path, self.get_bytes(key))
+        """Download to `path`, streamed in chunks; `path` appears only when complete."""
 
     def upload_dir(self, local_dir: str | os.PathLike, prefix: str, skip: set[str] | None = None) -> None:
         """Upload every file under `local_dir` to `prefix/<relative path>` (except `skip`)."""
@@ -107,6 +111,15 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        atomic_copy(path, self._path(key))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise FileNotFoundError(f"{self.uri}: no object {key!r}")
+        atomic_copy(source, path)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -163,16 +176,34 @@ class MinioStore(ObjectStore):
         self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), length=len(data))
 
     def get_bytes(self, key: str) -> bytes:
+        return b"".join(self._read(key))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self.client.fput_object(self.bucket, self._key(key), str(path))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        """Streamed in `CHUNK`s; an interrupted download of the same object version resumes."""
         from minio.error import S3Error
 
         try:
-            response = self.client.get_object(self.bucket, self._key(key))
+            stat = self.client.stat_object(self.bucket, self._key(key))
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise FileNotFoundError(f"{self.uri}: no object {key!r}") from error
+            raise
+        resumable_download(path, stat.size, stat.etag, lambda offset: self._read(key, offset))
+
+    def _read(self, key: str, offset: int = 0) -> Iterator[bytes]:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, self._key(key), offset=offset)
         except S3Error as error:
             if error.code in ("NoSuchKey", "NoSuchBucket"):
                 raise FileNotFoundError(f"{self.uri}: no object {key!r}") from error
             raise
         try:
-            return response.read()
+            yield from response.stream(CHUNK)
         finally:
             response.close()
             response.release_conn()
