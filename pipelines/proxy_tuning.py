@@ -13,19 +13,18 @@ in a ParallelFor over subjects, and inside it proxy generation is a ParallelFor 
 each shard on its own GPU pod drawing a disjoint block of image indices (and so of seeds);
 the student and the evaluation take the collected datasets.
 
-Scheduling on Kubernetes (ignored by `kfp.local`, compiled into the YAML):
-- GPU steps request one `nvidia.com/gpu`, tolerate the GPU node pool's taint, mount a
-  memory-backed /dev/shm for data loaders, retry twice (stages resume from the object
-  store) and time out after a day. CPU steps carry no toleration, so they stay off
-  tainted GPU nodes.
-- Endpoints come from the ConfigMap `proxytune-config`, keys from the Secret
-  `proxytune-s3`; the compiled YAML names them and holds no value of either.
-- `register` is never cached: each run registers a version.
+Scheduling on Kubernetes (`pipelines.cluster.ClusterOptions`, ignored by `kfp.local`,
+compiled into the YAML): every step has CPU and memory requests and limits and the label the
+NetworkPolicies admit; GPU steps request GPUs on the GPU pool (node selector, toleration),
+mount a memory-backed /dev/shm and retry with backoff (stages resume from the object store);
+steps that load models mount the model-cache PVC; endpoints come from the ConfigMap
+`proxytune-config` and keys from the Secret `proxytune-s3`, by name only; `register` is never
+cached: each run registers a version.
 """
 
 from typing import NamedTuple
 
-from kfp import compiler, dsl, kubernetes
+from kfp import compiler, dsl
 from kfp.dsl import HTML, Dataset, Metrics, Model
 
 from components import (
@@ -39,19 +38,9 @@ from components import (
     tune_student,
     tune_supervisor,
 )
+from pipelines.cluster import ClusterOptions, schedule
 
 PIPELINE_NAME = "proxy-tuning"
-CONFIG_MAP = "proxytune-config"
-CONFIG_ENV = {
-    "s3-endpoint-url": "PROXYTUNE_S3_ENDPOINT_URL",
-    "s3-bucket": "PROXYTUNE_S3_BUCKET",
-    "mlflow-tracking-uri": "MLFLOW_TRACKING_URI",
-}
-S3_SECRET = "proxytune-s3"
-SECRET_ENV = {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_TIMEOUT_S = 24 * 3600
-CPU_TIMEOUT_S = 3600
 
 
 class Outputs(NamedTuple):
@@ -60,28 +49,18 @@ class Outputs(NamedTuple):
     report: HTML
 
 
-def _platform(task: dsl.PipelineTask, gpu: bool) -> dsl.PipelineTask:
-    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
-    kubernetes.use_secret_as_env(task, S3_SECRET, SECRET_ENV)
-    if gpu:
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
-        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-        task.set_retry(num_retries=2, backoff_duration="60s")
-    kubernetes.set_timeout(task, GPU_TIMEOUT_S if gpu else CPU_TIMEOUT_S)
-    return task
-
-
 class SubjectOutputs(NamedTuple):
     subject: Dataset
     supervisor: Model
     proxy: Dataset
 
 
-def build(parallelism: int | None = None):
+def build(parallelism: int | None = None, cluster: ClusterOptions | None = None):
     """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
     once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
-    runs them in turn (KFP fixes loop parallelism when the pipeline is defined)."""
+    runs them in turn (KFP fixes loop parallelism and pod specs when the pipeline is defined).
+    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`)."""
+    cluster = cluster or ClusterOptions()
 
     @dsl.pipeline(name=f"{PIPELINE_NAME}-subject", description="One subject: photos, supervisor, proxy data.")
     def subject_stages(
@@ -97,10 +76,8 @@ def build(parallelism: int | None = None):
         proxy = merge_proxy(
             parts=dsl.Collected(part.outputs["proxy"]), subject=subject.outputs["subject"], **run
         )
-        for task in (subject, shards, proxy):
-            _platform(task, gpu=False)
-        for task in (supervisor, part):
-            _platform(task, gpu=True)
+        for task in (subject, supervisor, shards, part, proxy):
+            schedule(task, cluster)
         return SubjectOutputs(
             subject=subject.outputs["subject"],
             supervisor=supervisor.outputs["supervisor"],
@@ -159,10 +136,8 @@ def build(parallelism: int | None = None):
             registered_model_name=registered_model_name,
             **tracking,
         ).set_caching_options(False)
-        for task in (subjects, registration):
-            _platform(task, gpu=False)
-        for task in (student, scores):
-            _platform(task, gpu=True)
+        for task in (subjects, student, scores, registration):
+            schedule(task, cluster)
         return Outputs(
             registration=registration.output,
             metrics=scores.outputs["metrics"],
@@ -184,6 +159,6 @@ def _tracking(mlflow_tracking_uri: str, mlflow_experiment: str) -> dict:
 proxy_tuning = build()
 
 
-def compile_pipeline(path: str) -> str:
-    compiler.Compiler().compile(proxy_tuning, package_path=path)
+def compile_pipeline(path: str, cluster: ClusterOptions | None = None) -> str:
+    compiler.Compiler().compile(build(cluster=cluster), package_path=path)
     return path

@@ -85,6 +85,32 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile the pipeline to KFP YAML")
     compile_.add_argument("-o", "--output", default="proxy-tuning.yaml", help="output file")
+    compile_.add_argument(
+        "--image", help="component image, e.g. registry.example/proxytune:abc1234 (default: $PROXYTUNE_IMAGE)"
+    )
+    compile_.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="STEP.FIELD=VALUE",
+        help="a step's cpu, memory, cpu_limit, memory_limit or gpus, e.g. tune-student.memory=128Gi",
+    )
+    compile_.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="node label of the GPU pool (repeatable; default nvidia.com/gpu.present=true; 'none': none)",
+    )
+    compile_.add_argument(
+        "--gpu-toleration",
+        action="append",
+        metavar="KEY",
+        help="taint key the GPU steps tolerate (repeatable; default nvidia.com/gpu; 'none' for none)",
+    )
+    compile_.add_argument("--model-cache-pvc", help="PVC mounted at /cache (default proxytune-model-cache)")
+    compile_.add_argument(
+        "--hub-online", action="store_true", help="steps may download from the Hugging Face hub (default: no)"
+    )
     compile_.set_defaults(handler=_compile)
 
     backends = commands.add_parser("backends", help="list the model backends by kind")
@@ -226,10 +252,28 @@ def _convert_vqgan(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from pipelines.cluster import ClusterOptions
     from pipelines.proxy_tuning import compile_pipeline
 
-    console.print(f"compiled pipeline -> {compile_pipeline(args.output)}")
+    chosen: dict = {"hub_online": args.hub_online}
+    if args.image:
+        chosen["image"] = args.image
+    if args.model_cache_pvc:
+        chosen["model_cache_pvc"] = args.model_cache_pvc
+    if args.gpu_node_selector:
+        chosen["gpu_node_selector"] = dict(_pair(s) for s in args.gpu_node_selector if s != "none")
+    if args.gpu_toleration:
+        chosen["gpu_tolerations"] = [t for t in args.gpu_toleration if t != "none"]
+    cluster = ClusterOptions(**chosen).with_overrides(args.resource)
+    console.print(f"compiled pipeline -> {compile_pipeline(args.output, cluster)} (image {cluster.image})")
     return 0
+
+
+def _pair(assignment: str) -> tuple[str, str]:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {assignment!r}")
+    return key, value
 
 
 def _presets(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@ import pytest
 import yaml
 
 from components.base import BASE_IMAGE
+from pipelines.cluster import DEFAULT_RESOURCES, MODEL_STEPS, ClusterOptions
 from proxytune.cli import main
+from tests.conftest import REPO
 
 STAGES = [
     "plan",
@@ -19,6 +21,14 @@ STAGES = [
 ]
 GPU_STAGES = {"tune-supervisor", "generate-proxy", "tune-student", "evaluate"}
 SECRET_VALUE = "do-not-leak-this-secret-8f3a"
+IMAGE = "registry.example/proxytune:abc1234"
+CHOICES = [
+    f"--image={IMAGE}",
+    "--resource=tune-student.memory=128Gi",
+    "--resource=evaluate.gpus=2",
+    "--gpu-node-selector=cloud.example/pool=a100",
+    "--gpu-node-selector=cloud.example/spot=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,7 @@ def compiled(tmp_path_factory):
         env.setenv("AWS_ACCESS_KEY_ID", "AKIA-DO-NOT-LEAK")
         env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
         env.setenv("MLFLOW_TRACKING_URI", "http://user:pw@mlflow.internal:5000")
-        assert main(["compile", "-o", str(path)]) == 0
+        assert main(["compile", "-o", str(path), *CHOICES]) == 0
     text = path.read_text()
     spec, platform = yaml.safe_load_all(text)
     return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -92,24 +102,91 @@ def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(comp
     assert set(collected["evaluate"]) == {"subjects", "supervisors", "student"}
 
 
-def test_gpu_requests_on_exactly_the_gpu_steps(compiled):
+def test_gpu_requests_pool_and_shm_on_exactly_the_gpu_steps(compiled):
     _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
     for task in STAGES:
         label = executor_of(spec, task)
-        accelerator = executors[label]["container"].get("resources", {}).get("accelerator")
+        accelerator = executors[label]["container"]["resources"].get("accelerator")
         tolerations = platform[label].get("tolerations", [])
         if task in GPU_STAGES:
+            count = "2" if task == "evaluate" else "1"  # --resource evaluate.gpus=2
             assert accelerator == {
-                "count": "1",
-                "resourceCount": "1",
+                "count": count,
+                "resourceCount": count,
                 "resourceType": "nvidia.com/gpu",
                 "type": "nvidia.com/gpu",
             }
             assert tolerations == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-            assert platform[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+            assert platform[label]["nodeSelector"]["labels"] == {
+                "cloud.example/pool": "a100",
+                "cloud.example/spot": "false",
+            }
+            assert platform[label]["emptyDirMounts"] == [
+                {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}
+            ]
+            assert task_spec(spec, task)["retryPolicy"]["maxRetryCount"] == 2
         else:
             assert accelerator is None and tolerations == []
+            assert "nodeSelector" not in platform[label] and "emptyDirMounts" not in platform[label]
+
+
+def test_every_step_has_requests_limits_and_the_label_the_network_policies_admit(compiled):
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for task in STAGES:
+        label = executor_of(spec, task)
+        resources = executors[label]["container"]["resources"]
+        default = DEFAULT_RESOURCES[task]
+        memory = "128Gi" if task == "tune-student" else default.memory  # --resource tune-student.memory
+        assert resources["resourceCpuRequest"] == default.cpu
+        assert resources["resourceCpuLimit"] == default.cpu_limit
+        assert resources["resourceMemoryRequest"] == memory
+        assert resources["resourceMemoryLimit"] == default.memory_limit
+        assert platform[label]["podMetadata"]["labels"] == {"proxytune.io/role": "pipeline"}
+
+
+def test_steps_that_load_models_mount_the_model_cache_and_stay_offline(compiled):
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for task in STAGES:
+        label = executor_of(spec, task)
+        env = {e["name"]: e["value"] for e in executors[label]["container"].get("env", [])}
+        mounts = platform[label].get("pvcMount", [])
+        if task in MODEL_STEPS:
+            assert [(m["constant"], m["mountPath"]) for m in mounts] == [("proxytune-model-cache", "/cache")]
+            assert env == {
+                "HF_HOME": "/cache/huggingface",
+                "PROXYTUNE_MODEL_CACHE": "/cache/models",
+                "HF_HUB_OFFLINE": "1",
+            }
+            hub = [s for s in platform[label]["secretAsEnv"] if s["secretName"] == "proxytune-hf"]
+            assert hub == [
+                {
+                    "keyToEnv": [{"envVar": "HF_TOKEN", "secretKey": "token"}],
+                    "optional": True,
+                    "secretName": "proxytune-hf",
+                    "secretNameParameter": {"runtimeValue": {"constant": "proxytune-hf"}},
+                }
+            ]
+        else:
+            assert mounts == [] and env == {}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--resource=tune-student.memroy=1Gi"], "unknown resource field 'memroy'"),
+        (["--resource=train.cpu=1"], "unknown step 'train'"),
+        (["--resource=evaluate.memory=lots"], "'lots' is not a Kubernetes quantity"),
+        (["--resource=evaluate"], "--resource expects STEP.FIELD=VALUE"),
+        (["--gpu-node-selector=pool"], "expected KEY=VALUE, got 'pool'"),
+    ],
+)
+def test_bad_cluster_options_are_refused_naming_the_option(tmp_path, capsys, arguments, message):
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), *arguments]) == 2
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_no_credentials_in_the_yaml_only_secret_names(compiled):
@@ -118,10 +195,13 @@ def test_no_credentials_in_the_yaml_only_secret_names(compiled):
         assert leaked not in text
     for executor in platform.values():
         assert executor["secretAsEnv"][0]["secretName"] == "proxytune-s3"
+    for local in ("/tmp/", "/home/", "/work/", "/root/", str(REPO)):
+        assert local not in text  # nothing of the machine that compiled it
 
 
-def test_components_run_the_image_and_install_nothing(compiled):
+def test_components_run_the_image_given_and_install_nothing(compiled):
     text, spec, _ = compiled
     for executor in spec["deploymentSpec"]["executors"].values():
-        assert executor["container"]["image"] == BASE_IMAGE
+        assert executor["container"]["image"] == IMAGE
     assert "pip install" not in text
+    assert ClusterOptions().image == BASE_IMAGE  # without --image: $PROXYTUNE_IMAGE or the default
