@@ -102,6 +102,24 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
         mlflow_experiment: str = "proxytune",
         registered_model_name: str = "",
     ) -> Outputs:
+        """Proxy-Tuning of one subject (or several, for one multi-subject student).
+
+        Args:
+            subject_uri: s3://bucket/prefix holding 3-6 photos of the subject.
+            class_noun: What the subject is, e.g. dog, backpack, teapot.
+            subject_name: Name of the subject in datasets, reports and the registry
+                (default: the prefix's last part).
+            identifier: Rare token that calls the subject up in prompts, e.g. sks.
+            proxy_uri: Optional s3:// prefix of ready-made images of the subject (any
+                supervisor): imported instead of tuning one.
+            extra_subjects: More subjects for one student: a list of {"uri", "class_noun",
+                "name"?, "identifier"?, "proxy_uri"?}.
+            preset: tiny (CPU smoke test), small (one 24 GB GPU) or paper (the paper's setting).
+            overrides: Parameter overrides, e.g. {"student.steps": 500, "proxy.shards": 4}.
+            mlflow_tracking_uri: MLflow server (default: the proxytune-config ConfigMap's).
+            mlflow_experiment: MLflow experiment of the run.
+            registered_model_name: Registered model of the student (default: proxytune-<subject>).
+        """
         tracking = _tracking(mlflow_tracking_uri, mlflow_experiment)
         run = {"preset": preset, "overrides": overrides, **tracking}
         subjects = plan(

@@ -1,5 +1,5 @@
-"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `backends`,
-`presets`."""
+"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `upload`,
+`backends`, `presets`."""
 
 from __future__ import annotations
 
@@ -85,33 +85,20 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile the pipeline to KFP YAML")
     compile_.add_argument("-o", "--output", default="proxy-tuning.yaml", help="output file")
-    compile_.add_argument(
-        "--image", help="component image, e.g. registry.example/proxytune:abc1234 (default: $PROXYTUNE_IMAGE)"
-    )
-    compile_.add_argument(
-        "--resource",
-        action="append",
-        default=[],
-        metavar="STEP.FIELD=VALUE",
-        help="a step's cpu, memory, cpu_limit, memory_limit or gpus, e.g. tune-student.memory=128Gi",
-    )
-    compile_.add_argument(
-        "--gpu-node-selector",
-        action="append",
-        metavar="KEY=VALUE",
-        help="node label of the GPU pool (repeatable; default nvidia.com/gpu.present=true; 'none': none)",
-    )
-    compile_.add_argument(
-        "--gpu-toleration",
-        action="append",
-        metavar="KEY",
-        help="taint key the GPU steps tolerate (repeatable; default nvidia.com/gpu; 'none' for none)",
-    )
-    compile_.add_argument("--model-cache-pvc", help="PVC mounted at /cache (default proxytune-model-cache)")
-    compile_.add_argument(
-        "--hub-online", action="store_true", help="steps may download from the Hugging Face hub (default: no)"
-    )
+    _cluster_arguments(compile_)
     compile_.set_defaults(handler=_compile)
+
+    upload = commands.add_parser(
+        "upload", help="compile and upload the pipeline to Kubeflow Pipelines (a new version if it exists)"
+    )
+    upload.add_argument(
+        "--host", required=True, help="Kubeflow Pipelines API, e.g. http://ml-pipeline-ui.kubeflow"
+    )
+    upload.add_argument("--name", default="proxy-tuning", help="name in the UI (default: %(default)s)")
+    upload.add_argument("--version", help="name of a new version (default: <image tag>-<UTC time>)")
+    upload.add_argument("--namespace", help="namespace of a multi-user Kubeflow (token: $KF_PIPELINES_TOKEN)")
+    _cluster_arguments(upload)
+    upload.set_defaults(handler=_upload)
 
     backends = commands.add_parser("backends", help="list the model backends by kind")
     backends.set_defaults(handler=_backends)
@@ -251,9 +238,38 @@ def _convert_vqgan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compile(args: argparse.Namespace) -> int:
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the compiled pipeline's pods are scheduled (`pipelines.cluster.ClusterOptions`)."""
+    parser.add_argument(
+        "--image", help="component image, e.g. registry.example/proxytune:abc1234 (default: $PROXYTUNE_IMAGE)"
+    )
+    parser.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="STEP.FIELD=VALUE",
+        help="a step's cpu, memory, cpu_limit, memory_limit or gpus, e.g. tune-student.memory=128Gi",
+    )
+    parser.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="node label of the GPU pool (repeatable; default nvidia.com/gpu.present=true; 'none': none)",
+    )
+    parser.add_argument(
+        "--gpu-toleration",
+        action="append",
+        metavar="KEY",
+        help="taint key the GPU steps tolerate (repeatable; default nvidia.com/gpu; 'none' for none)",
+    )
+    parser.add_argument("--model-cache-pvc", help="PVC mounted at /cache (default proxytune-model-cache)")
+    parser.add_argument(
+        "--hub-online", action="store_true", help="steps may download from the Hugging Face hub (default: no)"
+    )
+
+
+def _cluster(args: argparse.Namespace):
     from pipelines.cluster import ClusterOptions
-    from pipelines.proxy_tuning import compile_pipeline
 
     chosen: dict = {"hub_online": args.hub_online}
     if args.image:
@@ -264,8 +280,28 @@ def _compile(args: argparse.Namespace) -> int:
         chosen["gpu_node_selector"] = dict(_pair(s) for s in args.gpu_node_selector if s != "none")
     if args.gpu_toleration:
         chosen["gpu_tolerations"] = [t for t in args.gpu_toleration if t != "none"]
-    cluster = ClusterOptions(**chosen).with_overrides(args.resource)
+    return ClusterOptions(**chosen).with_overrides(args.resource)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.proxy_tuning import compile_pipeline
+
+    cluster = _cluster(args)
     console.print(f"compiled pipeline -> {compile_pipeline(args.output, cluster)} (image {cluster.image})")
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from proxytune.upload import upload
+
+    done = upload(args.host, _cluster(args), args.name, args.version, args.namespace or None)
+    if done.new_pipeline:
+        console.print(f"uploaded pipeline [bold]{args.name}[/bold] (id {done.pipeline_id}) to {args.host}")
+    else:
+        console.print(
+            f"uploaded version [bold]{done.version_name}[/bold] of {args.name} "
+            f"(pipeline {done.pipeline_id}, version {done.version_id}) to {args.host}"
+        )
     return 0
 
 

@@ -1,0 +1,77 @@
+"""`proxytune upload`: put the compiled pipeline into Kubeflow Pipelines, as a new pipeline or
+as a new version of the one already there under that name.
+
+The pipeline is compiled here with the given cluster options (image, resources, GPU pool),
+so what is uploaded is what `proxytune compile` would write. A token for an authenticated
+Kubeflow (multi-user, behind an identity proxy) is read from `KF_PIPELINES_TOKEN`, never
+from the command line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines.cluster import ClusterOptions
+from pipelines.proxy_tuning import PIPELINE_NAME, compile_pipeline
+
+log = logging.getLogger(__name__)
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+
+
+@dataclass(frozen=True)
+class Upload:
+    pipeline_id: str
+    version_id: str | None  # None: the first upload (KFP makes its first version itself)
+    version_name: str
+    new_pipeline: bool
+
+
+def upload(
+    host: str,
+    cluster: ClusterOptions,
+    name: str = PIPELINE_NAME,
+    version: str | None = None,
+    namespace: str | None = None,
+) -> Upload:
+    """Compile and upload; raises ValueError with the reason when Kubeflow refuses or is
+    unreachable."""
+    import kfp
+    import urllib3
+    from kfp_server_api import ApiException
+
+    parsed = urlparse(host)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"--host must be the Kubeflow Pipelines URL, http(s)://host[:port], got {host!r}")
+    version = version or _version_name(cluster.image)
+    with tempfile.TemporaryDirectory(prefix="proxytune-upload-") as tmp:
+        package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), cluster)
+        description = f"Proxy-Tuning, image {cluster.image}"
+        try:
+            client = kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+            pipeline_id = client.get_pipeline_id(name)
+            if pipeline_id is None:
+                created = client.upload_pipeline(package, name, description, namespace=namespace)
+                return Upload(created.pipeline_id, None, version, new_pipeline=True)
+            added = client.upload_pipeline_version(
+                package, version, pipeline_id=pipeline_id, description=description
+            )
+            return Upload(pipeline_id, added.pipeline_version_id, version, new_pipeline=False)
+        except ApiException as error:
+            raise ValueError(
+                f"Kubeflow Pipelines at {host} refused the upload: {error.status} {error.reason}"
+                + (f" ({error.body.strip()[:300]})" if error.body else "")
+            ) from None
+        except urllib3.exceptions.HTTPError as error:
+            raise ValueError(f"cannot reach Kubeflow Pipelines at {host}: {error}") from None
+
+
+def _version_name(image: str) -> str:
+    """`<image tag>-<UTC time>`: names are unique per pipeline and say what they run."""
+    tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else "latest"
+    return f"{tag}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}"
