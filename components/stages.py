@@ -191,6 +191,8 @@ def register(
     student: Input[Model],
     samples: Input[Dataset],
     registered_model_name: str,
+    preset: str,
+    overrides: dict,
     mlflow_tracking_uri: str,
     mlflow_experiment: str,
     kfp_run_id: str,
@@ -201,4 +203,4 @@ def register(
     from proxytune.tracking import TrackingContext
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
-    return register_step(student.path, samples.path, registered_model_name, tracking)
+    return register_step(student.path, samples.path, registered_model_name, preset, overrides, tracking)

@@ -152,7 +152,7 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
             student=student.outputs["student"],
             samples=scores.outputs["samples"],
             registered_model_name=registered_model_name,
-            **tracking,
+            **run,
         ).set_caching_options(False)
         for task in (subjects, student, scores, registration):
             schedule(task, cluster)

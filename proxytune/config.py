@@ -184,11 +184,38 @@ class EvalParams(_Params):
     _check_sampling = field_validator("student_sampling")(lambda v: check_overrides(v))
 
 
+GATED_METRICS = ("clip_i", "clip_t", "dino")
+
+
+class RegistryParams(_Params):
+    """Promotion of a new student version to `champion` in the MLflow registry."""
+
+    gate: dict[str, float] = Field(
+        {"dino": 0.0, "clip_i": 0.0, "clip_t": 0.01},
+        description="how far below the champion's each metric may be (0: not below); "
+        "metrics not listed are not gated",
+    )
+    settle_seconds: float = Field(
+        2.0, ge=0.0, le=60.0, description="wait before re-reading the champion after taking it (races)"
+    )
+
+    @field_validator("gate")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(GATED_METRICS)
+        if unknown:
+            raise ValueError(f"unknown gate metric(s) {sorted(unknown)}; use {', '.join(GATED_METRICS)}")
+        if any(v < 0 for v in value.values()):
+            raise ValueError("gate tolerances are allowed drops, so they cannot be negative")
+        return value
+
+
 class RunParams(_Params):
     supervisor: SupervisorParams = SupervisorParams()
     proxy: ProxyParams = ProxyParams()
     student: StudentParams = StudentParams()
     evaluation: EvalParams = EvalParams()
+    registry: RegistryParams = RegistryParams()
 
     @classmethod
     def resolve(cls, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> RunParams:

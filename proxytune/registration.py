@@ -1,25 +1,41 @@
-"""Registration: the student becomes an MLflow model version; aliases drive promotion.
+"""Registration and promotion: the student becomes an MLflow model version; aliases drive
+promotion, tags keep the record.
 
-Every new version gets alias `challenger`. It also becomes `champion` when there is no
-champion yet, or when the promotion gate passes: no worse than the champion on DINO and
-CLIP-I (the subject-fidelity metrics; CLIP-T is reported, not gated). Version tags carry
-the metrics, so the gate and anyone browsing the registry read them from the version.
+- Every new version gets alias `challenger`.
+- It takes `champion` when there is none yet, or when it passes the gate against the
+  champion (`registry.gate`: how far below the champion's each metric may be; default DINO
+  and CLIP-I not below, CLIP-T at most 0.01 below). The champion it displaces becomes
+  `previous-champion`.
+- Races: two registrations finishing at once both read the champion, and the alias is
+  last-writer-wins. So after taking `champion`, a version waits `registry.settle_seconds`
+  and re-reads it; if another version holds it, it contests again against that one (a tie
+  goes to the newer version), or ends as challenger with tags saying which version beat it.
+- The decision and its reason are version tags (`gate`, `gate.champion_before`) and run tags;
+  every alias change by a person (`promote`, `rollback`) leaves an `audit.<time>` version tag
+  naming who and why.
 """
 
 from __future__ import annotations
 
+import datetime
+import getpass
 import logging
+import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from proxytune import __version__
+from proxytune.config import GATED_METRICS, RegistryParams
 from proxytune.tracking import KFP_RUN_TAG, Tracker, TrackingContext
 
 log = logging.getLogger(__name__)
-CHALLENGER, CHAMPION = "challenger", "champion"
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 ADAPTER_ARTIFACT = "adapter"  # the pyfunc model's artifact that holds the student adapter
-GATED_METRICS = ("dino", "clip_i")
+CLUSTER_ONLY = {"kfp", "kfp-kubernetes", "kubernetes"}  # not needed to serve a model
+CONTEST_ROUNDS = 5
 
 
 class Registration(BaseModel):
@@ -33,20 +49,31 @@ class Registration(BaseModel):
     metrics: dict[str, dict[str, float]]
 
 
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    champion_before: str | None  # the champion this version was judged against (and displaced)
+
+
 def default_model_name(subjects: list[str]) -> str:
     """`proxytune-<subject>`; a multi-subject student joins its subjects' names."""
     return "proxytune-" + "-".join(subjects)
 
 
-def gate(candidate: dict[str, float], champion: dict[str, float] | None) -> tuple[bool, str]:
-    """Promotion gate: passes with no champion, or when no gated metric is worse."""
+def gate(
+    candidate: dict[str, float], champion: dict[str, float] | None, tolerance: dict[str, float] | None = None
+) -> tuple[bool, str]:
+    """Passes with no champion, or when no gated metric is further below the champion's than
+    its tolerance allows."""
     if champion is None:
         return True, "no champion yet"
-    worse = [m for m in GATED_METRICS if candidate[m] < champion[m]]
+    tolerance = RegistryParams().gate if tolerance is None else tolerance
+    worse = [m for m, allowed in tolerance.items() if candidate[m] < champion[m] - allowed - 1e-12]
     if worse:
         detail = ", ".join(f"{m} {candidate[m]:.4f} < {champion[m]:.4f}" for m in worse)
         return False, f"worse than the champion on {detail}"
-    return True, "no worse than the champion on " + " and ".join(GATED_METRICS)
+    return True, "no worse than the champion on " + " and ".join(sorted(tolerance)) + " (within tolerance)"
 
 
 def register(
@@ -55,15 +82,14 @@ def register(
     model_name: str,
     context: TrackingContext,
     tracker: Tracker,
+    policy: RegistryParams | None = None,
 ) -> Registration:
-    """Log the student adapter as a pyfunc model in the stage's run, register a version,
-    set aliases by the gate."""
+    """Log the student as a servable pyfunc model in the stage's run, register a version and
+    let it contest `champion` through the gate."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from proxytune import serving
-
+    policy = policy or RegistryParams()
     uri = context.resolved_uri()
     if not uri or tracker.run_id is None:
         raise ValueError(
@@ -74,13 +100,7 @@ def register(
     metrics = evaluation["metrics"]
     student = metrics["student"]
     with mlflow.start_run(run_id=tracker.run_id):
-        logged = mlflow.pyfunc.log_model(
-            name="student",
-            python_model=serving.__file__,
-            artifacts={ADAPTER_ARTIFACT: str(student_dir)},
-            pip_requirements=[f"proxytune=={__version__}"],
-            metadata={"subjects": {s["subject"]: s["identifier"] for s in evaluation["subjects"]}},
-        )
+        logged = log_served_model(student_dir, evaluation)
     tags = {
         **{k: f"{v:.6f}" for k, v in student.items()},
         **{f"supervisor_{k}": f"{v:.6f}" for k, v in metrics.get("supervisor", {}).items()},
@@ -88,28 +108,200 @@ def register(
         "class_nouns": ",".join(s["class_noun"] for s in evaluation["subjects"]),
         KFP_RUN_TAG: context.kfp_run_id,
     }
-    version = mlflow.register_model(logged.model_uri, model_name, tags=tags).version
-    try:
-        previous = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        previous = None
-    champion_metrics = {m: float(previous.tags[m]) for m in GATED_METRICS} if previous else None
-    passed, reason = gate(student, champion_metrics)
+    version = str(mlflow.register_model(logged.model_uri, model_name, tags=tags).version)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    aliases = [CHALLENGER]
-    if passed:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        aliases.append(CHAMPION)
-    client.set_model_version_tag(model_name, version, "gate", f"{'passed' if passed else 'failed'}: {reason}")
-    log.info("registered %s version %s, aliases %s (gate: %s)", model_name, version, aliases, reason)
-    tracker.set_tags({"registered_model": model_name, "registered_version": version})
+    decision = contest(client, model_name, version, policy)
+    aliases = [CHALLENGER, CHAMPION] if decision.promoted else [CHALLENGER]
+    log.info("registered %s version %s, aliases %s (%s)", model_name, version, aliases, decision.reason)
+    tracker.set_tags(
+        {
+            "registered_model": model_name,
+            "registered_version": version,
+            "promoted": str(decision.promoted).lower(),
+            "gate": decision.reason,
+        }
+    )
     return Registration(
         name=model_name,
-        version=str(version),
+        version=version,
         aliases=aliases,
-        gate_passed=passed,
-        gate_reason=reason,
-        previous_champion=str(previous.version) if previous else None,
+        gate_passed=decision.promoted,
+        gate_reason=decision.reason,
+        previous_champion=decision.champion_before,
         parent_run_id=tracker.parent_run_id,
         metrics=metrics,
     )
+
+
+def log_served_model(student_dir: str | Path, evaluation: dict):
+    """The student as a pyfunc model that serves from the registry alone: the project's code
+    ships with it (`code_paths`), its dependencies pinned at the versions that ran here, and
+    a signature whose params default to the student's reference sampling."""
+    import mlflow
+
+    import proxytune
+    from proxytune import serving
+    from proxytune.contracts import read_adapter_card
+    from proxytune.registry import STUDENTS
+
+    card = read_adapter_card(student_dir, "student")
+    return mlflow.pyfunc.log_model(
+        name="student",
+        python_model=serving.__file__,
+        artifacts={ADAPTER_ARTIFACT: str(student_dir)},
+        code_paths=[str(Path(proxytune.__file__).parent)],
+        pip_requirements=served_requirements(),
+        signature=served_signature(STUDENTS.create(card.backend).sampling),
+        metadata={
+            "subjects": {s["subject"]: s["identifier"] for s in evaluation["subjects"]},
+            "backend": card.backend,
+            "base_model": card.base_model.model_dump(),
+            "proxytune_version": __version__,
+        },
+    )
+
+
+def served_signature(sampling):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # a list of prompts (a named column would need a DataFrame)
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
+        params=ParamSchema(
+            [
+                ParamSpec("seed", "long", 0),
+                ParamSpec("num_images", "long", 1),
+                ParamSpec("guidance_scale", "double", float(sampling.guidance_scale)),
+                ParamSpec("top_k", "long", int(sampling.top_k)),
+                ParamSpec("temperature", "double", float(sampling.temperature)),
+                ParamSpec("top_p", "double", float(sampling.top_p)),
+            ]
+        ),
+    )
+
+
+def served_requirements() -> list[str]:
+    """proxytune's runtime dependencies pinned at the installed versions (`2.13.0+cpu` -> `2.13.0`)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = []
+    for requirement in map(Requirement, metadata.requires("proxytune") or []):
+        name = canonicalize_name(requirement.name)
+        if requirement.marker is None and name not in CLUSTER_ONLY:
+            pins.append(f"{name}=={Version(metadata.version(name)).public}")
+    return sorted(pins)
+
+
+def contest(client, name: str, version: str, policy: RegistryParams, force: bool = False) -> Decision:
+    """Take `champion` if the gate allows against its holder (or `force`), then confirm after
+    `settle_seconds` that no concurrent registration took it meanwhile, contesting again
+    against any that did. The holder is re-read right before taking the alias, so only a
+    writer slower than the settle time can slip past unjudged. Writes the decision to the
+    version's `gate` tags."""
+    mine = version_metrics(client, name, version)
+    decision, taken = Decision(False, "lost the race for champion repeatedly", None), False
+    for _ in range(CONTEST_ROUNDS):
+        holder = alias_version(client, name, CHAMPION)
+        if holder == version:
+            if not taken:
+                decision = Decision(True, "already the champion", None)
+            break
+        if holder is not None and not force:
+            theirs = version_metrics(client, name, holder)
+            passed, reason = gate(mine, theirs, policy.gate)
+            tied = passed and gate(theirs, mine, policy.gate)[0]
+            if not passed or (tied and int(holder) > int(version)):
+                why = reason if not passed else "ties with a newer version"
+                after = ", which took champion after this one did" if taken else ""
+                decision = Decision(False, f"{why} (champion: version {holder}{after})", holder)
+                break
+            decision = Decision(True, f"{reason} (champion was version {holder})", holder)
+        else:
+            decision = Decision(True, "forced" if force else "no champion yet", holder)
+        if alias_version(client, name, CHAMPION) != holder:
+            continue  # it changed while this version was being judged: judge again
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if holder is not None:
+            client.set_registered_model_alias(name, PREVIOUS, holder)
+        taken = True
+        time.sleep(policy.settle_seconds)
+    else:
+        if alias_version(client, name, CHAMPION) != version:
+            decision = Decision(False, "lost the race for champion repeatedly", decision.champion_before)
+    verdict = "passed" if decision.promoted else "failed"
+    client.set_model_version_tag(name, version, "gate", f"{verdict}: {decision.reason}")
+    client.set_model_version_tag(name, version, "gate.champion_before", decision.champion_before or "none")
+    return decision
+
+
+def version_metrics(client, name: str, version: str) -> dict[str, float]:
+    tags = client.get_model_version(name, version).tags
+    return {m: float(tags[m]) for m in GATED_METRICS if m in tags}
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(
+    client, name: str, version: str, force: bool = False, policy: RegistryParams | None = None
+) -> Decision:
+    """A person promotes `version` to champion: through the gate unless `force`; audited."""
+    client.get_model_version(name, version)  # a clear MLflow error for an unknown version
+    decision = contest(client, name, version, policy or RegistryParams(), force=force)
+    what = "forced promotion" if force else "promotion through the gate"
+    outcome = "promoted" if decision.promoted else "refused"
+    audit(client, name, version, f"{what}: {outcome} ({decision.reason})")
+    return decision
+
+
+def rollback(client, name: str) -> tuple[str, str]:
+    """`champion` back to `previous-champion`; returns (from, to). Audited on both versions;
+    `previous-champion` is removed so that a second rollback cannot bring the bad one back."""
+    current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise ValueError(f"{name} has no {PREVIOUS} to roll back to (champion: {current or 'none'})")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    audit(client, name, previous, f"rollback: champion again, replacing version {current}")
+    if current:
+        audit(client, name, current, f"rollback: champion handed back to version {previous}")
+    return current or "none", previous
+
+
+def audit(client, name: str, version: str, event: str) -> None:
+    """An `audit.<UTC time>` tag on the version: what happened, by whom, from where."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    client.set_model_version_tag(name, version, f"audit.{now}", f"{event} by {who}")
+    log.info("%s version %s: %s by %s", name, version, event, who)
+
+
+def describe_versions(client, name: str) -> list[dict[str, str]]:
+    """Every version of `name`, newest first: aliases, metrics, gate decision, audit count."""
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for version in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version)):
+        tags = version.tags
+        rows.append(
+            {
+                "version": str(version.version),
+                "aliases": ", ".join(sorted(aliases.get(str(version.version), []))),
+                **{m: tags.get(m, "") for m in GATED_METRICS},
+                "gate": tags.get("gate", ""),
+                "audits": str(sum(k.startswith("audit.") for k in tags)),
+            }
+        )
+    return rows

@@ -190,12 +190,21 @@ def evaluate_step(
     return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
 
 
-def register_step(student_dir: str, samples_dir: str, model_name: str, tracking: TrackingContext) -> str:
-    """Register the student; returns the registration as JSON (the pipeline's output)."""
+def register_step(
+    student_dir: str,
+    samples_dir: str,
+    model_name: str,
+    preset: str,
+    overrides: dict[str, Any],
+    tracking: TrackingContext,
+) -> str:
+    """Register the student (the gate from `registry`); returns the registration as JSON (the
+    pipeline's output)."""
     from proxytune.evaluate import read_evaluation
     from proxytune.registration import default_model_name, register
 
     configure_logging()
+    policy = RunParams.resolve(preset, overrides).registry
     evaluation = read_evaluation(samples_dir)
     with stage_run(tracking, "register", closes_pipeline=True) as tracker:
         registration = register(
@@ -204,5 +213,6 @@ def register_step(student_dir: str, samples_dir: str, model_name: str, tracking:
             model_name or default_model_name([s["subject"] for s in evaluation["subjects"]]),
             tracking,
             tracker,
+            policy,
         )
         return registration.model_dump_json()

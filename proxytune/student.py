@@ -195,16 +195,18 @@ def tune_student(
 
 
 def load_student(
-    adapter_dir: str | Path, device: torch.device | None = None
+    adapter_dir: str | Path, device: torch.device | None = None, base: str | None = None
 ) -> tuple[ARStudent, AdapterCard]:
     """Base student + the LoRA in `adapter_dir`, left unmerged: merging into bf16 weights would
-    round small adapter deltas away (sampling pays a few percent for the extra matmuls)."""
+    round small adapter deltas away (sampling pays a few percent for the extra matmuls).
+    `base`: where the base weights are staged (folder, `s3://`, hub id) instead of the card's."""
     from peft import PeftModel
 
     card = read_adapter_card(adapter_dir, "student")
     backend: ARStudent = STUDENTS.create(card.backend)
-    base = card.base_model
-    backend.load(device or default_device(), ModelSource(base.id, base.revision, base.vq))
+    recorded = card.base_model
+    source = ModelSource(base or recorded.id, None if base else recorded.revision, recorded.vq)
+    backend.load(device or default_device(), source)
     try:
         tuned = PeftModel.from_pretrained(backend.model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as error:
