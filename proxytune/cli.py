@@ -1,17 +1,30 @@
 """Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `upload`,
-`backends`, `presets`."""
+`submit`, `schedule`, `models`, `promote`, `rollback`, `backends`, `presets`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from proxytune.runconfig import RunConfig
+
 console = Console(soft_wrap=True)  # paths and commands stay copy-pasteable
+NOT_PROMOTED = 3  # `submit --wait`: the run registered a version that did not become champion
+SUBMIT_EXIT_CODES = """exit codes:
+  0  started (without --wait), or the run's registered version is champion
+  1  the run failed, was cancelled or skipped, is still running after --timeout (it goes on),
+     or no registered version carries its run id (or MLflow could not be read)
+  2  bad arguments or run config, or Kubeflow Pipelines refused or could not be reached
+  3  the run registered a version that was not promoted (challenger only; the gate tag says why)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         "--local", action="store_true", required=True, help="run on this machine through kfp.local"
     )
     run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="run config YAML (subjects, preset, overrides, registered_model_name, experiment; "
+        "see examples/run-config.yaml); the flags below override it",
+    )
+    run.add_argument(
         "--subject",
         action="append",
         default=[],
-        help="folder or s3://bucket/prefix with 3-6 photos (default: examples/subjects/dog); "
-        "repeat for a multi-subject student",
+        help="folder or s3://bucket/prefix with 3-6 photos (default: the config's, else "
+        "examples/subjects/dog); repeat for a multi-subject student; replaces the config's subjects",
     )
     run.add_argument(
         "--class-noun",
@@ -67,20 +86,25 @@ def _parser() -> argparse.ArgumentParser:
         help="import the subject's proxy images from here (made by any supervisor, with optional "
         "<image stem>.txt captions) instead of tuning one; once per --subject, '' to draw them",
     )
-    run.add_argument("--preset", default="tiny", help="parameter preset: tiny (CPU, default) or paper (GPU)")
+    run.add_argument(
+        "--preset",
+        help="parameter preset: tiny (CPU), small or paper (GPU) (default: the config's, else tiny)",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one parameter, e.g. --set supervisor.steps=100 (repeatable)",
+        help="override one parameter, e.g. --set supervisor.steps=100 (repeatable; over the config's)",
     )
     run.add_argument(
         "--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)"
     )
-    run.add_argument("--experiment", default="proxytune", help="MLflow experiment")
-    run.add_argument("--model-name", default="", help="registered model name (default: proxytune-<subject>)")
+    run.add_argument("--experiment", help="MLflow experiment (default: the config's, else proxytune)")
+    run.add_argument(
+        "--model-name", help="registered model name (default: the config's, else proxytune-<subject>)"
+    )
     run.set_defaults(handler=_run)
 
     compile_ = commands.add_parser("compile", help="compile the pipeline to KFP YAML")
@@ -99,6 +123,71 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--namespace", help="namespace of a multi-user Kubeflow (token: $KF_PIPELINES_TOKEN)")
     _cluster_arguments(upload)
     upload.set_defaults(handler=_upload)
+
+    submit = commands.add_parser(
+        "submit",
+        help="compile and start a run of a run config on Kubeflow Pipelines; --wait for its outcome",
+        description="Compile the pipeline (as `compile` does) and start a run with the run config's\n"
+        "arguments. With --wait, poll the run, then read the model version it registered from\n"
+        "MLflow (tag proxytune.kfp_run_id = the run id) and print its aliases, gate and metrics.",
+        epilog=SUBMIT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _remote_arguments(submit)
+    submit.add_argument("--wait", action="store_true", help="wait for the run, then report its model version")
+    submit.add_argument(
+        "--timeout",
+        type=_positive,
+        default=86400.0,
+        metavar="S",
+        help="with --wait: give up waiting after S seconds (default: a day); the run goes on",
+    )
+    submit.add_argument(
+        "--poll-interval", type=_positive, default=5.0, metavar="S", help="seconds between polls (default: 5)"
+    )
+    submit.add_argument(
+        "--mlflow-tracking-uri",
+        metavar="URI",
+        help="with --wait: the MLflow server that holds the registry, as reached from here "
+        "(default: $MLFLOW_TRACKING_URI)",
+    )
+    _cluster_arguments(submit)
+    submit.set_defaults(handler=_submit)
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="create or replace a recurring run of a run config on Kubeflow Pipelines",
+        description="Create a recurring run of the compiled pipeline with the run config's arguments "
+        "(at most one run at a time, no catch-up after a pause). KFP cannot update a recurring run: "
+        "when one of that name exists, the new one is created first, then the old one is deleted.",
+    )
+    _remote_arguments(schedule)
+    schedule.add_argument(
+        "--cron",
+        required=True,
+        metavar="EXPR",
+        help="when, in UTC: standard 5-field cron ('0 3 * * 1': Mondays at 03:00) or KFP's 6 fields "
+        "with seconds first ('0 0 3 * * 1')",
+    )
+    schedule.add_argument("--name", help="recurring run name (default: the registered model name)")
+    _cluster_arguments(schedule)
+    schedule.set_defaults(handler=_schedule)
+
+    models = commands.add_parser(
+        "models", help="registered students: versions, aliases, metrics, gate decisions"
+    )
+    models.add_argument("name", nargs="?", help="a registered model (default: list them all)")
+    models.set_defaults(handler=_models)
+
+    promote = commands.add_parser("promote", help="make a version champion, through the gate unless --force")
+    promote.add_argument("name", help="registered model, e.g. proxytune-dog")
+    promote.add_argument("version", help="the version to promote")
+    promote.add_argument("--force", action="store_true", help="skip the gate (recorded in the audit tag)")
+    promote.set_defaults(handler=_promote)
+
+    rollback = commands.add_parser("rollback", help="champion back to previous-champion")
+    rollback.add_argument("name", help="registered model, e.g. proxytune-dog")
+    rollback.set_defaults(handler=_rollback)
 
     backends = commands.add_parser("backends", help="list the model backends by kind")
     backends.set_defaults(handler=_backends)
@@ -137,20 +226,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxytune.config import parse_overrides
-    from proxytune.local import EXAMPLE_CLASS, EXAMPLE_SUBJECT, run_local
+    from proxytune.local import run_local
 
-    subjects = _subjects(args, EXAMPLE_SUBJECT, EXAMPLE_CLASS)
-    described = ", ".join(f"{s['uri']} ({s['class_noun']})" for s in subjects)
-    console.rule(f"proxytune: {described}, preset {args.preset}")
+    config = _run_config(args)
+    described = ", ".join(f"{s.uri} ({s.class_noun})" for s in config.subjects)
+    console.rule(f"proxytune: {described}, preset {config.preset}")
     try:
         summary = run_local(
-            subjects,
+            config.subject_fields(),
             args.workdir,
-            preset=args.preset,
-            overrides=parse_overrides(args.overrides),
-            experiment=args.experiment,
-            registered_model_name=args.model_name,
+            preset=config.preset,
+            overrides=dict(config.overrides),
+            experiment=config.experiment,
+            registered_model_name=config.registered_model_name,
         )
     except RuntimeError as error:
         console.print(f"[red]pipeline failed:[/red] {error}")
@@ -158,6 +246,36 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     _print_summary(summary)
     return 0
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The run config file (if any) with the flags over it, else the flags alone."""
+    from proxytune.config import parse_overrides
+    from proxytune.local import EXAMPLE_CLASS, EXAMPLE_SUBJECT
+    from proxytune.runconfig import load_run_config, validate_run_config
+
+    flags = {
+        "preset": args.preset,
+        "overrides": parse_overrides(args.overrides),
+        "registered_model_name": args.model_name,
+        "experiment": args.experiment,
+    }
+    if not args.config:
+        subjects = _subjects(args, EXAMPLE_SUBJECT, EXAMPLE_CLASS)
+        return validate_run_config(
+            {"subjects": subjects, **{k: v for k, v in flags.items() if v is not None}}
+        )
+    per_subject = {
+        "--class-noun": args.class_noun,
+        "--name": args.name,
+        "--identifier": args.identifier,
+        "--proxy-from": args.proxy_uri,
+    }
+    given = [flag for flag, values in per_subject.items() if values]
+    if given and not args.subject:
+        raise ValueError(f"{', '.join(given)} describe --subject: with --config, give the subjects in full")
+    subjects = _subjects(args, EXAMPLE_SUBJECT, EXAMPLE_CLASS) if args.subject else None
+    return load_run_config(args.config).with_flags(subjects=subjects, **flags)
 
 
 def _subjects(args: argparse.Namespace, example: Path, example_class: str) -> list[dict[str, str]]:
@@ -305,11 +423,170 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", required=True, help="Kubeflow Pipelines API, e.g. http://ml-pipeline-ui.kubeflow"
+    )
+    parser.add_argument(
+        "--config", required=True, metavar="FILE", help="run config YAML (see examples/run-config.yaml)"
+    )
+    parser.add_argument("--namespace", help="namespace of a multi-user Kubeflow (token: $KF_PIPELINES_TOKEN)")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import os
+
+    from proxytune.runconfig import load_run_config
+    from proxytune.submit import registered_version, submit, wait_for_run
+
+    config = load_run_config(args.config)
+    tracking_uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if args.wait and not tracking_uri:
+        raise ValueError(
+            "--wait reads the outcome from MLflow: give --mlflow-tracking-uri or set MLFLOW_TRACKING_URI"
+        )
+    started = submit(args.host, _cluster(args), config, args.namespace or None)
+    console.print(
+        f"started run [bold]{started.run_name}[/bold] (id {started.run_id}) in experiment {config.experiment}"
+    )
+    console.print(f"run: {started.url}")
+    if not args.wait:
+        return 0
+    try:
+        state = wait_for_run(args.host, started.run_id, args.timeout, args.poll_interval)
+        if state is None:
+            console.print(f"[red]still running after {args.timeout:g} s[/red]; it goes on: {started.url}")
+            return 1
+        if state != "SUCCEEDED":
+            console.print(f"[red]run {state.lower()}[/red]: {started.url}")
+            return 1
+        version = registered_version(tracking_uri, started.run_id)
+    except RuntimeError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+    if version is None:
+        console.print(
+            f"[red]the run succeeded but no model version in {tracking_uri} carries "
+            f"proxytune.kfp_run_id = {started.run_id}[/red]"
+        )
+        return 1
+    aliases = ", ".join(version.aliases) or "none"
+    console.print(f"registered: [bold]{version.name}[/bold] v{version.version}, aliases: {aliases}")
+    console.print(f"gate:       {escape(version.gate) or '(no gate tag)'}")
+    table = Table(title="Subject fidelity of the registered version")
+    for column in ("metric", "value"):
+        table.add_column(column)
+    for metric, value in version.metrics.items():
+        table.add_row(metric, f"{value:.4f}")
+    console.print(table)
+    if version.champion:
+        return 0
+    console.print(f"[yellow]not promoted[/yellow]: version {version.version} is not champion")
+    return NOT_PROMOTED
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from proxytune.runconfig import load_run_config
+    from proxytune.submit import schedule
+
+    done = schedule(
+        args.host, _cluster(args), load_run_config(args.config), args.cron, args.name, args.namespace or None
+    )
+    verb = "replaced" if done.replaced else "created"
+    console.print(
+        f"{verb} recurring run [bold]{done.name}[/bold] (id {done.recurring_run_id}), "
+        f"cron '{done.cron}' (KFP's fields: second minute hour day-of-month month day-of-week)"
+    )
+    if done.replaced:
+        console.print(f"deleted the previous one(s) of that name: {', '.join(done.replaced)}")
+    console.print(f"recurring run: {done.url}")
+    return 0
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return number
+
+
 def _pair(assignment: str) -> tuple[str, str]:
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise ValueError(f"expected KEY=VALUE, got {assignment!r}")
     return key, value
+
+
+def _registry_client():
+    import os
+
+    from mlflow import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("set MLFLOW_TRACKING_URI to the MLflow server (or sqlite:///.../mlflow.db)")
+    return MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def _registry_errors():
+    """MLflow's errors (an unknown model or version) as the CLI's clear error, exit code 2."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        raise ValueError(error.message) from None
+
+
+def _models(args: argparse.Namespace) -> int:
+    client = _registry_client()
+    with _registry_errors():
+        return _list_models(client, args.name)
+
+
+def _list_models(client, name: str | None) -> int:
+    from proxytune.registration import CHAMPION, describe_versions
+
+    if not name:
+        table = Table(title="registered students")
+        for column in ("name", "versions", "champion", "aliases"):
+            table.add_column(column)
+        for model in client.search_registered_models(order_by=["name"]):
+            aliases = ", ".join(f"{a}={v}" for a, v in sorted(model.aliases.items()))
+            versions = len(client.search_model_versions(f"name = '{model.name}'"))
+            table.add_row(model.name, str(versions), str(model.aliases.get(CHAMPION, "-")), aliases)
+        console.print(table)
+        return 0
+    table = Table(title=f"{name}: versions")
+    columns = ("version", "aliases", "clip_i", "clip_t", "dino", "gate", "audits")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("clip_i", "clip_t", "dino") else "left")
+    for row in describe_versions(client, name):
+        table.add_row(*(escape(row[c]) for c in columns))
+    console.print(table)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from proxytune.registration import promote
+
+    with _registry_errors():
+        decision = promote(_registry_client(), args.name, args.version, force=args.force)
+    if not decision.promoted:
+        console.print(f"[yellow]not promoted:[/yellow] {args.name} v{args.version}: {decision.reason}")
+        return NOT_PROMOTED
+    console.print(f"{args.name} v{args.version} is champion ({decision.reason})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from proxytune.registration import rollback
+
+    with _registry_errors():
+        before, after = rollback(_registry_client(), args.name)
+    console.print(f"{args.name}: champion v{before} -> v{after} (rolled back)")
+    return 0
 
 
 def _presets(args: argparse.Namespace) -> int:

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from proxytune.config import RunParams
 from proxytune.fsutil import atomic_write_json
-from proxytune.ingest import plan_subjects, scan_subject
+from proxytune.ingest import scan_subject
 from proxytune.proxy import check_proxy_import
+from proxytune.runconfig import validate_run_config
 from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -74,30 +74,28 @@ def run_local(
 
     from pipelines.proxy_tuning import build
 
-    overrides = overrides or {}
     workdir = Path(workdir).resolve()
-    subjects = [{**s, **{k: _absolute(s[k]) for k in ("uri", "proxy_uri") if s.get(k)}} for s in subjects]
-    RunParams.resolve(preset, overrides)
-    planned = plan_subjects(subjects)
-    for subject in planned:
-        scan_subject(subject["source_uri"])
-        if subject.get("proxy_uri"):
-            check_proxy_import(subject["proxy_uri"], subject["identifier"])
-    first, *extra = [
+    config = validate_run_config(
         {
-            "uri": p["source_uri"],
-            "class_noun": p["class_noun"],
-            "name": p["name"],
-            "identifier": p["identifier"],
-            "proxy_uri": p.get("proxy_uri", ""),
+            "subjects": [
+                {**s, **{k: _absolute(s[k]) for k in ("uri", "proxy_uri") if s.get(k)}} for s in subjects
+            ],
+            "preset": preset,
+            "overrides": overrides or {},
+            "experiment": experiment,
+            "registered_model_name": registered_model_name,
         }
-        for p in planned
-    ]
+    )
+    planned = config.pipeline_subjects()
+    for subject in planned:
+        scan_subject(subject["uri"])
+        if subject["proxy_uri"]:
+            check_proxy_import(subject["proxy_uri"], subject["identifier"])
     workdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "status": "running",
         "workdir": str(workdir),
-        "subject_uris": [p["source_uri"] for p in planned],
+        "subject_uris": [p["uri"] for p in planned],
     }
     started = time.monotonic()
     with _environment(local_defaults(workdir)):
@@ -106,18 +104,7 @@ def run_local(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
         )
         try:
-            task = build(parallelism=1)(
-                subject_uri=first["uri"],
-                class_noun=first["class_noun"],
-                subject_name=first["name"],
-                identifier=first["identifier"],
-                proxy_uri=first["proxy_uri"],
-                extra_subjects=extra,
-                preset=preset,
-                overrides=overrides,
-                mlflow_experiment=experiment,
-                registered_model_name=registered_model_name,
-            )
+            task = build(parallelism=1)(**config.pipeline_arguments())
         except RuntimeError as error:
             summary.update(status="failed", error=str(error), seconds=round(time.monotonic() - started, 1))
             atomic_write_json(workdir / "summary.json", summary)

@@ -9,16 +9,22 @@ from the command line.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pipelines.cluster import ClusterOptions
 from pipelines.proxy_tuning import PIPELINE_NAME, compile_pipeline
+
+if TYPE_CHECKING:
+    import kfp
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -41,19 +47,12 @@ def upload(
 ) -> Upload:
     """Compile and upload; raises ValueError with the reason when Kubeflow refuses or is
     unreachable."""
-    import kfp
-    import urllib3
-    from kfp_server_api import ApiException
-
-    parsed = urlparse(host)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"--host must be the Kubeflow Pipelines URL, http(s)://host[:port], got {host!r}")
+    check_host(host)
     version = version or _version_name(cluster.image)
     with tempfile.TemporaryDirectory(prefix="proxytune-upload-") as tmp:
         package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), cluster)
         description = f"Proxy-Tuning, image {cluster.image}"
-        try:
-            client = kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+        with kubeflow(host, "the upload") as client:
             pipeline_id = client.get_pipeline_id(name)
             if pipeline_id is None:
                 created = client.upload_pipeline(package, name, description, namespace=namespace)
@@ -62,13 +61,33 @@ def upload(
                 package, version, pipeline_id=pipeline_id, description=description
             )
             return Upload(pipeline_id, added.pipeline_version_id, version, new_pipeline=False)
-        except ApiException as error:
-            raise ValueError(
-                f"Kubeflow Pipelines at {host} refused the upload: {error.status} {error.reason}"
-                + (f" ({error.body.strip()[:300]})" if error.body else "")
-            ) from None
-        except urllib3.exceptions.HTTPError as error:
-            raise ValueError(f"cannot reach Kubeflow Pipelines at {host}: {error}") from None
+
+
+def check_host(host: str) -> None:
+    """Refuse a host that is not a URL before anything is compiled or sent."""
+    parsed = urlparse(host)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"--host must be the Kubeflow Pipelines URL, http(s)://host[:port], got {host!r}")
+
+
+@contextlib.contextmanager
+def kubeflow(host: str, action: str) -> Iterator[kfp.Client]:
+    """A kfp client of `host` (token from `$KF_PIPELINES_TOKEN`); inside, Kubeflow's refusals
+    and network errors become ValueError naming `action` (the CLI's clear-error path)."""
+    import kfp
+    import urllib3
+    from kfp_server_api import ApiException
+
+    check_host(host)
+    try:
+        yield kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+    except ApiException as error:
+        raise ValueError(
+            f"Kubeflow Pipelines at {host} refused {action}: {error.status} {error.reason}"
+            + (f" ({error.body.strip()[:300]})" if error.body else "")
+        ) from None
+    except urllib3.exceptions.HTTPError as error:
+        raise ValueError(f"cannot reach Kubeflow Pipelines at {host}: {error}") from None
 
 
 def _version_name(image: str) -> str:

@@ -128,6 +128,28 @@ def test_promote_through_the_gate_or_forced_and_rollback_are_audited(tracking):
     assert rows[0]["gate"].startswith("passed: forced") and rows[0]["audits"] == "3"
 
 
+def test_the_cli_lists_promotes_and_rolls_back_with_exit_codes(tracking, capsys, monkeypatch):
+    from proxytune.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    name = "cli-model"
+    champion = bare_version(tracking, name, 0.8, 0.8)
+    assert main(["promote", name, champion]) == 0
+    worse = bare_version(tracking, name, 0.7, 0.7)
+    assert main(["promote", name, worse]) == 3  # the gate refuses it
+    assert "not promoted" in capsys.readouterr().out
+    assert main(["promote", name, worse, "--force"]) == 0
+    assert main(["rollback", name]) == 0
+    assert f"{name}: champion v{worse} -> v{champion}" in capsys.readouterr().out
+    assert main(["models", name]) == 0
+    listing = capsys.readouterr().out
+    assert "passed: forced" in listing and "champion" in listing and "0.8" in listing
+    assert main(["models"]) == 0 and name in capsys.readouterr().out
+    assert main(["promote", "no-such-model", "1"]) == 2
+    assert main(["rollback", name]) == 2
+    assert "no previous-champion to roll back to" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("first", "second", "winner"),
     [((0.8, 0.8), (0.7, 0.7), 0), ((0.7, 0.7), (0.7, 0.7), 1)],

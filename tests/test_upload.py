@@ -2,82 +2,19 @@
 REST API on 127.0.0.1 (no API server can run here): the boundary is HTTP, so the client's
 own request building, multipart upload and response parsing all run."""
 
-import email.parser
-import email.policy
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
-
 import pytest
-import yaml
 
 from proxytune.cli import main
+from tests.kfp_fake import serve_kubeflow
 
 IMAGE = "registry.example/proxytune:abc1234"
-
-
-class FakeKubeflow(BaseHTTPRequestHandler):
-    """The endpoints `kfp.Client` calls to upload: healthz, list pipelines, upload, upload_version."""
-
-    pipelines: dict[str, str]  # display name -> id
-    uploads: list[dict]
-    refuse: bool = False
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        url = urlparse(self.path)
-        if url.path == "/apis/v2beta1/healthz":
-            return self._reply(200, {"multi_user": False})
-        if url.path == "/apis/v2beta1/pipelines":
-            (predicate,) = json.loads(parse_qs(url.query)["filter"][0])["predicates"]
-            name = predicate.get("string_value", predicate.get("stringValue"))
-            known = {name: self.pipelines[name]} if name in self.pipelines else {}
-            found = [{"pipeline_id": i, "display_name": n} for n, i in known.items()]
-            return self._reply(200, {"pipelines": found, "total_size": len(found)})
-        return self._reply(404, {"error": "not found"})
-
-    def do_POST(self):
-        url = urlparse(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if self.refuse:
-            return self._reply(403, {"error": "user is not authorized", "code": 7})
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body
-        )
-        (part,) = [p for p in message.iter_parts() if p.get_param("name", header="content-disposition")]
-        upload = {"path": url.path, "query": query, "package": yaml.safe_load_all(part.get_content())}
-        upload["spec"] = next(upload.pop("package"))
-        self.uploads.append(upload)
-        if url.path == "/apis/v2beta1/pipelines/upload":
-            self.pipelines[query["name"]] = "pipeline-1"
-            return self._reply(200, {"pipeline_id": "pipeline-1", "display_name": query["name"]})
-        if url.path == "/apis/v2beta1/pipelines/upload_version":
-            version = f"version-{len(self.uploads)}"
-            return self._reply(200, {"pipeline_id": query["pipelineid"], "pipeline_version_id": version})
-        return self._reply(404, {"error": "not found"})
 
 
 @pytest.fixture
 def kubeflow(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no kfp context file of the user's
-    handler = type("Handler", (FakeKubeflow,), {"pipelines": {}, "uploads": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
+    with serve_kubeflow() as served:
+        yield served
 
 
 def test_the_first_upload_creates_the_pipeline_then_versions_follow(kubeflow, capsys):
