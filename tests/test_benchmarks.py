@@ -60,3 +60,10 @@ def test_the_proxy_batching_benchmark_prints_its_ratio():
         .splitlines()
     )
     assert re.fullmatch(r"speed-up: \d+\.\d\dx", out[-1])
+
+
+def test_the_evaluation_benchmark_scores_the_same_both_ways_and_prints_its_ratio():
+    out = run("benchmarks/evaluation.py", "--images", "6", "--photos", "2").strip().splitlines()
+    gap = float(next(line for line in out if line.startswith("largest score difference")).split()[-1])
+    assert gap <= 1e-4
+    assert re.fullmatch(r"speed-up: \d+\.\d\dx", out[-1])
