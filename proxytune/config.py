@@ -168,6 +168,12 @@ class EvalParams(_Params):
 
     clip_encoder: str = "tiny-clip"
     dino_encoder: str = "tiny-dino"
+    clip_source: str | None = Field(
+        None, description="hub id, folder or s3:// prefix of clip_encoder's weights; default: the encoder's"
+    )
+    dino_source: str | None = Field(
+        None, description="hub id, folder or s3:// prefix of dino_encoder's weights; default: the encoder's"
+    )
     num_prompts: int = Field(2, gt=0, le=25)
     images_per_prompt: int = Field(2, gt=0)
     student_sampling: dict[str, int | float] = Field(
@@ -179,9 +185,22 @@ class EvalParams(_Params):
     supervisor_inference_steps: int | None = Field(None, gt=0, description="default: the backend's")
     batch_size: int = Field(8, gt=0)
     seed: int = 0
+    variance_samples: int = Field(
+        4,
+        ge=0,
+        description="extra samples per model and subject for the feature-variance analysis "
+        "(DINO features; prompts cycle through the DreamBench list); 0: none",
+    )
 
     _check_encoders = field_validator("clip_encoder", "dino_encoder")(lambda v: ENCODERS.check(v))
     _check_sampling = field_validator("student_sampling")(lambda v: check_overrides(v))
+
+    @field_validator("variance_samples")
+    @classmethod
+    def _variance_needs_two(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one sample has no variance; use 0 (off) or at least 2")
+        return value
 
 
 GATED_METRICS = ("clip_i", "clip_t", "dino")
@@ -253,6 +272,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_prompts": 10,
             "images_per_prompt": 2,
             "batch_size": 4,
+            "variance_samples": 25,
         },
     },
     # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
@@ -272,6 +292,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino_encoder": "dino-vits16",
             "num_prompts": 25,
             "images_per_prompt": 4,
+            "variance_samples": 100,  # as the supplementary's Fig. 1
         },
     },
 }

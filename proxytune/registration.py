@@ -109,7 +109,7 @@ def register(
         KFP_RUN_TAG: context.kfp_run_id,
     }
     version = str(mlflow.register_model(logged.model_uri, model_name, tags=tags).version)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    set_alias(client, model_name, CHALLENGER, version)
     decision = contest(client, model_name, version, policy)
     aliases = [CHALLENGER, CHAMPION] if decision.promoted else [CHALLENGER]
     log.info("registered %s version %s, aliases %s (%s)", model_name, version, aliases, decision.reason)
@@ -225,9 +225,10 @@ def contest(client, name: str, version: str, policy: RegistryParams, force: bool
             decision = Decision(True, "forced" if force else "no champion yet", holder)
         if alias_version(client, name, CHAMPION) != holder:
             continue  # it changed while this version was being judged: judge again
-        client.set_registered_model_alias(name, CHAMPION, version)
+        if not set_alias(client, name, CHAMPION, version):
+            continue  # another version's write to the alias won this instant: judge again
         if holder is not None:
-            client.set_registered_model_alias(name, PREVIOUS, holder)
+            set_alias(client, name, PREVIOUS, holder)
         taken = True
         time.sleep(policy.settle_seconds)
     else:
@@ -237,6 +238,22 @@ def contest(client, name: str, version: str, policy: RegistryParams, force: bool
     client.set_model_version_tag(name, version, "gate", f"{verdict}: {decision.reason}")
     client.set_model_version_tag(name, version, "gate.champion_before", decision.champion_before or "none")
     return decision
+
+
+def set_alias(client, name: str, alias: str, version: str) -> bool:
+    """Point `alias` at `version`; False when the registry refused because a concurrent write
+    to the same alias landed first (its unique constraint; seen as a 400 from a SQL store), so
+    the caller re-reads instead of failing. Any other refusal is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException:
+        if alias_version(client, name, alias) is None:
+            raise
+        log.info("%s: a concurrent write to alias %s came first", name, alias)
+        return False
+    return True
 
 
 def version_metrics(client, name: str, version: str) -> dict[str, float]:

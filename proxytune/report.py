@@ -32,12 +32,14 @@ def write_report(
     evaluation: Mapping,
     samples: Sequence[Mapping[str, Sequence[Image.Image]]],
     cards: Sequence[Mapping[str, AdapterCard]],
+    variance_plot: Path | None = None,
 ) -> None:
     """The report of one evaluation: per subject (`runs[i]`, `evaluation["subjects"][i]`) its
-    reference photos, metrics and per-prompt grids; above them the run's metrics."""
+    reference photos, metrics and per-prompt grids; above them the run's metrics and, with
+    `variance_plot` (the PNG `proxytune.variance.plot_variance` wrote), the feature spread."""
     results = evaluation["subjects"]
     names = ", ".join(r["subject"] for r in results)
-    student = evaluation["student"]
+    student, encoders = evaluation["student"], evaluation["encoders"]
     sampling = ", ".join(f"{k} {v}" for k, v in student["sampling"].items())
     parts = [
         f"<h1>Proxy-Tuning report: {_e(names)}</h1>",
@@ -45,12 +47,14 @@ def write_report(
         f"from {_e(', '.join(sorted({_supervisor(c['supervisor']) for c in cards})))}.</p>",
         "<h2>Subject fidelity</h2>",
         _metrics_table(evaluation["metrics"]),
-        f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_e(evaluation['encoders']['clip'])}, "
-        f"DINO {_e(evaluation['encoders']['dino'])}."
+        f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_encoder(encoders['clip'])}, "
+        f"DINO {_encoder(encoders['dino'])}."
         + (" Means over the subjects below." if len(results) > 1 else "")
         + "</p>",
         f"<img alt='training curves and metrics' src='{_plots(evaluation['metrics'], cards)}'>",
     ]
+    if variance_plot:
+        parts += _variance_section(evaluation, variance_plot)
     for run, result, images in zip(runs, results, samples, strict=True):
         parts += _subject_section(run, result, images, len(results) > 1)
     body = "\n".join(parts)
@@ -86,6 +90,39 @@ def _subject_section(
         prompt = fill(row["prompt"], subject.identifier, subject.class_noun)
         parts.append(f"<h4>{_e(prompt)}</h4><div class=row>{''.join(cells)}</div>")
     return parts
+
+
+def _variance_section(evaluation: Mapping, plot: Path) -> list[str]:
+    """The supplementary's Fig. 1 for this run: a table of each model's spread per subject and the plot."""
+    variance = evaluation["variance"]
+    head = "".join(
+        f"<th>{c}</th>" for c in ("subject", "model", "total variance", "mean distance", "median distance")
+    )
+    rows = "".join(
+        f"<tr><td>{_e(result['subject'])}</td><td>{_e(model)}</td><td>{s['total_variance']:.4f}</td>"
+        f"<td>{s['mean_distance']:.4f}</td><td>{s['median_distance']:.4f}</td></tr>"
+        for result in evaluation["subjects"]
+        for model, s in result["variance"].items()
+    )
+    with Image.open(plot) as image:
+        uri = data_uri(image)
+    return [
+        "<h2>Feature spread</h2>",
+        f"<table><tr>{head}</tr>{rows}</table>",
+        f"<p class=cap>{variance['samples']} more samples per model and subject, prompts cycling through "
+        f"the DreamBench list, seeds from {variance['first_seed']}; {_e(variance['features'])} features "
+        "(L2-normalised, as for the DINO metric). Total variance: trace of the unbiased covariance; "
+        f"distance: L2 to the subject centroid ({_e(variance['centroid'])}). Lower is more concentrated "
+        "around the subject (the paper's supplementary, Fig. 1).</p>",
+        f"<img alt='feature variance' src='{uri}'>",
+    ]
+
+
+def _encoder(encoder: Mapping[str, str | None]) -> str:
+    """`clip-vit-b32 (openai/clip-vit-base-patch32 @ <commit>)`, `(<folder>, local copy)` or `(tiny:clip)`."""
+    revision = encoder["revision"]
+    where = {None: "", "local": ", local copy"}.get(revision, f" @ {revision}")
+    return _e(f"{encoder['backend']} ({encoder['source']}{where})")
 
 
 def _e(text: object) -> str:

@@ -130,9 +130,9 @@ def merge_proxy_step(
 ) -> dict[str, Any]:
     """Join the proxy shards; with `proxy.keep_fraction`, keep the images most like the photos."""
     from proxytune.backends._base import default_device
+    from proxytune.evaluate import load_encoder
     from proxytune.ingest import load_subject
     from proxytune.proxy import Selection, merge_proxy, read_manifest
-    from proxytune.registry import ENCODERS
     from proxytune.storage import store_from_env
 
     configure_logging()
@@ -141,8 +141,8 @@ def merge_proxy_step(
     with stage_run(tracking, "merge_proxy", subject=subject.name) as tracker:
         selection = None
         if params.proxy.keep_fraction:
-            encoder = ENCODERS.create(params.evaluation.dino_encoder)
-            encoder.load(default_device())
+            evaluation = params.evaluation
+            encoder = load_encoder(evaluation.dino_encoder, evaluation.dino_source, default_device())
             selection = Selection(photos, encoder, params.proxy.keep_fraction)
         info = merge_proxy(part_dirs, out_dir, store_from_env(), selection)
         tracker.log_params({"keep_fraction": params.proxy.keep_fraction, "key": info.key})

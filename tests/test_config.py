@@ -8,6 +8,8 @@ def test_tiny_preset_uses_tiny_backends():
     assert params.supervisor.backend == "tiny-sd"
     assert params.student.backend == "tiny-janus"
     assert (params.evaluation.clip_encoder, params.evaluation.dino_encoder) == ("tiny-clip", "tiny-dino")
+    assert (params.evaluation.clip_source, params.evaluation.dino_source) == (None, None)
+    assert params.evaluation.variance_samples == 4  # small: the tiny evaluation stays fast
 
 
 VQGAN = {"student.vq_source": "s3://models/chameleon-vqgan"}
@@ -18,6 +20,7 @@ def test_paper_preset_resolves_to_registered_backends():
     assert params.proxy.num_images == 1000
     assert (params.supervisor.backend, params.supervisor.learning_rate) == ("sdxl", None)  # its recipe's
     assert (params.student.backend, params.student.rank) == ("lumina-mgpt-7b-768", 128)
+    assert params.evaluation.variance_samples == 100  # as the supplementary's Fig. 1
 
 
 def test_the_paper_student_needs_the_chameleon_vqgan_before_anything_runs():
@@ -54,6 +57,11 @@ def test_integral_floats_from_kfp_are_accepted():
         ),
         ({"proxy.shards": 20}, "shards: 20 shards for 16 images leave some empty"),
         ({"proxy.prompt_bank": ["a dog"]}, "prompt_bank[0] must contain {identifier}"),
+        (
+            {"evaluation.variance_samples": 1},
+            "evaluation.variance_samples: Value error, one sample has no variance; use 0 (off) or at least 2",
+        ),
+        ({"evaluation.variance_samples": -1}, "evaluation.variance_samples: Input should be greater than"),
     ],
 )
 def test_bad_overrides_name_the_field(overrides, message):

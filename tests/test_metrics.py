@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from proxytune.backends._base import pixel_batch
-from proxytune.evaluate import Encoders, Features, References
+from proxytune.config import EvalParams
+from proxytune.evaluate import Encoders, Features, References, load_encoder
 from proxytune.metrics import mean_paired_cosine, mean_pairwise_cosine
 from proxytune.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, dreambench_prompts, fill
 from tests.conftest import CPU, EXAMPLE
@@ -70,6 +71,50 @@ def test_encoder_features_are_unit_vectors(encoders):
         encoders.clip.embed_texts(["x"]),
     ):
         assert torch.linalg.norm(features, dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_encoders_saved_to_folders_load_back_through_their_sources(encoders, tmp_path):
+    encoders.clip.save(tmp_path / "clip")
+    encoders.dino.save(tmp_path / "dino")
+    staged = Encoders.load(
+        EvalParams(clip_source=str(tmp_path / "clip"), dino_source=str(tmp_path / "dino")), CPU
+    )
+    assert staged.describe() == {
+        "clip": {"backend": "tiny-clip", "source": str(tmp_path / "clip"), "revision": "local"},
+        "dino": {"backend": "tiny-dino", "source": str(tmp_path / "dino"), "revision": "local"},
+    }
+    photos = [Image.open(EXAMPLE / f"0{i}.jpg") for i in range(3)]
+    texts = ["a dog in the jungle", "a dog wearing a red hat"]
+    for original, loaded in (
+        (encoders.clip.embed_images(photos), staged.clip.embed_images(photos)),
+        (encoders.clip.embed_texts(texts), staged.clip.embed_texts(texts)),
+        (encoders.dino.embed_images(photos), staged.dino.embed_images(photos)),
+    ):
+        np.testing.assert_allclose(loaded.numpy(), original.numpy(), atol=1e-6)
+
+
+def test_an_encoder_from_the_hub_cache_records_its_commit(encoders, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--proxytune--tiny-dino"
+    encoders.dino.save(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # offline: the cache only
+    dino = load_encoder("tiny-dino", "proxytune/tiny-dino", CPU)
+    assert dino.describe() == {"backend": "tiny-dino", "source": "proxytune/tiny-dino", "revision": commit}
+    photo = Image.open(EXAMPLE / "00.jpg")
+    np.testing.assert_allclose(
+        dino.embed_images([photo]).numpy(), encoders.dino.embed_images([photo]).numpy()
+    )
+
+
+def test_encoder_sources_that_are_not_there_fail_naming_the_encoder_and_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"tiny-clip: no folder '{tmp_path / 'clip'}'"):
+        load_encoder("tiny-clip", str(tmp_path / "clip"), CPU)
+    with pytest.raises(OSError, match="tiny-dino: cannot load weights from 'staged/dino'"):
+        load_encoder("tiny-dino", "staged/dino", CPU)  # a relative folder not here reads as a hub id
 
 
 def test_dino_preprocessing_resizes_the_short_side_then_center_crops():

@@ -70,7 +70,7 @@ def test_the_gate_allows_the_configured_drop_per_metric():
 
 def test_versions_get_challenger_and_the_gate_moves_champion(student_dir, tracking):
     def run(number, dino, clip_i):
-        context = TrackingContext(experiment="registry", kfp_run_id=f"run-{number}")
+        context = TrackingContext(experiment="registry", kfp_run_id=f"registry-run-{number}")
         with stage_run(context, "register") as tracker:
             return register(student_dir, evaluation(dino, clip_i), "gated", context, tracker, FAST)
 
@@ -87,7 +87,7 @@ def test_versions_get_challenger_and_the_gate_moves_champion(student_dir, tracki
     assert alias_version(tracking, "gated", PREVIOUS) == "1"
     version = tracking.get_model_version("gated", "2")
     assert version.tags["dino"] == "0.600000" and version.tags["gate"].startswith("failed: worse")
-    assert version.tags["proxytune.kfp_run_id"] == "run-2"
+    assert version.tags["proxytune.kfp_run_id"] == "registry-run-2"
     assert tracking.get_model_version("gated", "3").tags["gate.champion_before"] == "1"
     (run_3,) = tracking.search_runs(
         [tracking.get_experiment_by_name("registry").experiment_id],

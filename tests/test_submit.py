@@ -162,10 +162,12 @@ def test_wait_exits_1_when_the_run_outlasts_the_timeout(kubeflow, config, capsys
 
 @pytest.mark.servers
 def test_wait_exits_1_when_no_version_carries_the_run_id(kubeflow, config, mlflow_server, capsys):
-    host, _ = kubeflow
+    host, api = kubeflow
+    api.run_ids = [f"never-registered-{uuid.uuid4()}"]  # the server is shared with other tests' runs
+    run_id = api.run_ids[0]
     assert submit(host, config, "--wait", "--mlflow-tracking-uri", mlflow_server, *FAST) == 1
     out = capsys.readouterr().out
-    assert f"no model version in {mlflow_server} carries proxytune.kfp_run_id = run-1" in out
+    assert f"no model version in {mlflow_server} carries proxytune.kfp_run_id = {run_id}" in out
 
 
 @pytest.mark.parametrize(

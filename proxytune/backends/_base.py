@@ -75,10 +75,32 @@ class ImageEncoder(ABC):
     """A frozen feature extractor for evaluation (CLIP or DINO style)."""
 
     name: str
-    source: ModelSource
+    source: ModelSource  # the registered default
+    loaded_source: ModelSource  # what `load` loaded; revision: the hub commit, "local" or None (tiny)
+
+    def load(self, device: torch.device, source: ModelSource | None = None) -> None:
+        """Load the weights from `source` (default: the registered one), so an air-gapped
+        cluster can point at a staged copy; records what was loaded in `loaded_source`."""
+        source = source or self.source
+        path = None if source.is_tiny else source.local_or_hub()
+        if path is not None and not Path(path).is_dir() and not _is_hub_id(path):
+            raise FileNotFoundError(
+                f"{self.name}: no folder {source.id!r} "
+                "(an encoder's weights source is a hub id, a folder or an s3:// prefix)"
+            )
+        try:
+            self._load(path, source.revision, device)
+        except OSError as error:  # transformers' message names neither the encoder nor the source
+            raise OSError(f"{self.name}: cannot load weights from {source.id!r}: {error}") from error
+        self.loaded_source = ModelSource(source.id, _loaded_revision(path, source.revision))
 
     @abstractmethod
-    def load(self, device: torch.device) -> None: ...
+    def _load(self, path: str | None, revision: str | None, device: torch.device) -> None:
+        """Load from a folder or hub id (`from_pretrained`), or build the tiny model when `path` is None."""
+
+    @abstractmethod
+    def save(self, folder: str | Path) -> None:
+        """Write the loaded model in its hub folder layout, which `load` reads back."""
 
     @abstractmethod
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -86,6 +108,37 @@ class ImageEncoder(ABC):
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no text tower")
+
+    def describe(self) -> dict[str, str | None]:
+        """What evaluation outputs record about the loaded encoder."""
+        return {
+            "backend": self.name,
+            "source": self.loaded_source.id,
+            "revision": self.loaded_source.revision,
+        }
+
+
+def _is_hub_id(path: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _loaded_revision(path: str | None, revision: str | None) -> str | None:
+    """The commit of hub weights (from the cache path they were read from), "local" for a folder,
+    None for a tiny model built from its config."""
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        return "local"
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    return extract_commit_hash(cached_file(path, "config.json", revision=revision), None) or revision
 
 
 def pixel_batch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +52,20 @@ class ClipEncoder(ImageEncoder):
     def __init__(self, name: str, source: ModelSource):
         self.name, self.source = name, source
 
-    def load(self, device: torch.device) -> None:
+    def _load(self, path: str | None, revision: str | None, device: torch.device) -> None:
         from transformers import CLIPModel, CLIPTokenizer
 
-        if self.source.is_tiny:
+        if path is None:
             model, tokenizer = _tiny_clip()
         else:
-            path = self.source.local_or_hub()
-            model = CLIPModel.from_pretrained(path, revision=self.source.revision)
-            tokenizer = CLIPTokenizer.from_pretrained(path, revision=self.source.revision)
+            model = CLIPModel.from_pretrained(path, revision=revision)
+            tokenizer = CLIPTokenizer.from_pretrained(path, revision=revision)
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, device
         self.size = model.config.vision_config.image_size
+
+    def save(self, folder: str | Path) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -7,6 +7,7 @@ pooler), images resized to 256/224 of the crop (bicubic), center-cropped, ImageN
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,10 @@ class DinoEncoder(ImageEncoder):
     def __init__(self, name: str, source: ModelSource):
         self.name, self.source = name, source
 
-    def load(self, device: torch.device) -> None:
+    def _load(self, path: str | None, revision: str | None, device: torch.device) -> None:
         from transformers import ViTConfig, ViTModel
 
-        if self.source.is_tiny:
+        if path is None:
             config = ViTConfig(
                 hidden_size=32,
                 intermediate_size=64,
@@ -38,11 +39,12 @@ class DinoEncoder(ImageEncoder):
             with seeded(2):
                 model = ViTModel(config, add_pooling_layer=False)
         else:
-            model = ViTModel.from_pretrained(
-                self.source.local_or_hub(), revision=self.source.revision, add_pooling_layer=False
-            )
+            model = ViTModel.from_pretrained(path, revision=revision, add_pooling_layer=False)
         self.model, self.device = model.to(device).eval(), device
         self.size = model.config.image_size
+
+    def save(self, folder: str | Path) -> None:
+        self.model.save_pretrained(folder)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
