@@ -6,7 +6,7 @@ child run under the pipeline run's parent run.
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.base import BASE_IMAGE
 
@@ -164,10 +164,11 @@ def evaluate(
     kfp_run_name: str,
     metrics: Output[Metrics],
     report: Output[HTML],
+    table: Output[Markdown],
     samples: Output[Dataset],
 ):
     """CLIP-I / CLIP-T / DINO of the student and each subject's supervisor on DreamBench prompts,
-    with an HTML report."""
+    with an HTML report and the metrics table as Markdown."""
     from proxytune.steps import evaluate_step
     from proxytune.tracking import TrackingContext
 
@@ -178,6 +179,7 @@ def evaluate(
         student.path,
         samples.path,
         report.path,
+        table.path,
         preset,
         overrides,
         tracking,

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from proxytune.backends._base import ImageEncoder, ModelSource, default_device
 from proxytune.config import EvalParams
 from proxytune.contracts import EVALUATION_FILE, AdapterCard, Subject, read_adapter_card
-from proxytune.fsutil import atomic_directory, atomic_write_json, read_json
+from proxytune.fsutil import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from proxytune.ingest import load_subject
 from proxytune.metrics import PROTOCOL, mean_paired_cosine, mean_pairwise_cosine
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import ENCODERS
-from proxytune.report import write_report
+from proxytune.report import markdown_table, write_report
 from proxytune.sampling import Sampling
 from proxytune.student import load_student
 from proxytune.supervisor import load_supervisor
@@ -38,6 +38,7 @@ from proxytune.variance import Spread, plot_variance
 log = logging.getLogger(__name__)
 MODELS = ("student", "supervisor")
 VARIANCE_PLOT = "variance.png"
+COMPARISON_FILE = "comparison.md"  # the metrics table (the KFP Markdown artifact)
 # Variance samples draw seeds params.seed + VARIANCE_SEED + i, the same for every subject and
 # model whatever the metric settings, and apart from the metric samples' params.seed + i.
 VARIANCE_SEED = 1_000_000
@@ -264,6 +265,7 @@ def evaluate(
                 (tmp / sample["file"]).parent.mkdir(parents=True, exist_ok=True)
                 images[sample["model"]][sample["index"]].save(tmp / sample["file"])
         atomic_write_json(tmp / EVALUATION_FILE, evaluation)
+        atomic_write_text(tmp / COMPARISON_FILE, markdown_table(metrics))
         if spreads:
             plot_variance(tmp / VARIANCE_PLOT, spreads)
         write_report(
@@ -271,6 +273,7 @@ def evaluate(
         )
     tracker.log_artifact(Path(out_dir) / "report.html")
     tracker.log_artifact(Path(out_dir) / EVALUATION_FILE)
+    tracker.log_artifact(Path(out_dir) / COMPARISON_FILE)
     if spreads:
         tracker.log_artifact(Path(out_dir) / VARIANCE_PLOT)
     return evaluation

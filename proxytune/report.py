@@ -16,6 +16,13 @@ from proxytune.images import data_uri, image_grid
 from proxytune.prompts import fill
 
 THUMB = 160
+METRIC_LABELS = (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO"))
+COLUMN_TITLES = {
+    "student": "student",
+    "supervisor": "supervisor",
+    "gain": "student − supervisor",
+    "relative_gain": "relative gain",
+}
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5rem 0}
@@ -137,25 +144,56 @@ def _supervisor(card: AdapterCard) -> str:
     return f"a black box (images imported from {card.base_model.id})" if card.imported else card.backend
 
 
-def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """Student beside the supervisor, the better one marked; the student alone when no
-    supervisor was sampled (a black box)."""
-    both = "supervisor" in metrics
-    rows = []
-    for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
-        student = metrics["student"][key]
-        if both:
+def comparison(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, str | float]]:
+    """One row per metric: the student, and when a supervisor was sampled (not a black box)
+    the supervisor and the student's gain over it, absolute and relative."""
+    rows: list[dict[str, str | float]] = []
+    for key, label in METRIC_LABELS:
+        row: dict[str, str | float] = {"metric": label, "student": metrics["student"][key]}
+        if "supervisor" in metrics:
             supervisor = metrics["supervisor"][key]
-            cls = ("best", "") if student >= supervisor else ("", "best")
-            rows.append(
-                f"<tr><td>{label}</td><td class='{cls[0]}'>{student:.4f}</td>"
-                f"<td class='{cls[1]}'>{supervisor:.4f}</td><td>{student - supervisor:+.4f}</td></tr>"
-            )
-        else:
-            rows.append(f"<tr><td>{label}</td><td>{student:.4f}</td></tr>")
-    columns = ["metric", "student", *(["supervisor", "student − supervisor"] if both else [])]
-    head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
+            gain = metrics["student"][key] - supervisor
+            row.update(supervisor=supervisor, gain=gain, relative_gain=gain / abs(supervisor))
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    return [(key, title) for key, title in COLUMN_TITLES.items() if key in rows[0]]
+
+
+def _cell(key: str, value: float) -> str:
+    return f"{value:+.2%}" if key == "relative_gain" else f"{value:+.4f}" if key == "gain" else f"{value:.4f}"
+
+
+def markdown_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """The comparison as a Markdown table (the KFP Markdown artifact, and MLflow)."""
+    rows = comparison(metrics)
+    columns = _columns(rows)
+    lines = [
+        "| metric | " + " | ".join(title for _, title in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        *(f"| {r['metric']} | " + " | ".join(_cell(k, r[k]) for k, _ in columns) + " |" for r in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """The comparison, the better of student and supervisor marked."""
+    rows = comparison(metrics)
+    columns = _columns(rows)
+    body = []
+    for row in rows:
+        best = {}
+        if "supervisor" in row:
+            best = {"student": row["student"] >= row["supervisor"]}
+            best["supervisor"] = not best["student"]
+        cells = "".join(
+            f"<td class='{'best' if best.get(k) else ''}'>{_cell(k, row[k])}</td>" for k, _ in columns
+        )
+        body.append(f"<tr><td>{row['metric']}</td>{cells}</tr>")
+    head = "<tr><th>metric</th>" + "".join(f"<th>{_e(t)}</th>" for _, t in columns) + "</tr>"
+    return f"<table>{head}{''.join(body)}</table>"
 
 
 def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[str, AdapterCard]]) -> str:

@@ -172,13 +172,15 @@ def evaluate_step(
     student_dir: str,
     samples_dir: str,
     report_path: str,
+    table_path: str,
     preset: str,
     overrides: dict[str, Any],
     tracking: TrackingContext,
 ) -> dict[str, float]:
-    """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact).
+    """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact) and the
+    metrics table to `table_path` (the KFP Markdown artifact).
     Returns flat metrics (`student_dino`, ...) for the KFP Metrics artifact."""
-    from proxytune.evaluate import evaluate
+    from proxytune.evaluate import COMPARISON_FILE, evaluate
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
@@ -187,6 +189,7 @@ def evaluate_step(
             subject_dirs, supervisor_dirs, student_dir, samples_dir, params.evaluation, tracker
         )
     shutil.copyfile(Path(samples_dir) / "report.html", report_path)
+    shutil.copyfile(Path(samples_dir) / COMPARISON_FILE, table_path)
     return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
 
 

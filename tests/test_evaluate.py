@@ -207,7 +207,7 @@ def test_encoder_sources_and_variance_go_to_evaluation_json_and_mlflow(
         for model in ("student", "supervisor")
         for key in ("total_variance", "mean_distance", "median_distance")
     }
-    assert tracker.artifacts == ["report.html", "evaluation.json", "variance.png"]
+    assert tracker.artifacts == ["report.html", "evaluation.json", "comparison.md", "variance.png"]
 
 
 def test_variance_samples_zero_turns_the_analysis_off(subject_dir, supervisor_dir, student_dir, tmp_path):
@@ -229,3 +229,28 @@ def test_a_missing_encoder_folder_fails_before_any_sampling(subject_dir, supervi
     with pytest.raises(FileNotFoundError, match=re.escape(f"tiny-dino: no folder '{missing}'")):
         evaluate(subject_dir, supervisor_dir, tmp_path / "no-student", tmp_path / "out", settings, device=CPU)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_comparison_table_gives_the_students_gain_over_its_supervisor(evaluation_dir):
+    from proxytune.report import markdown_table
+
+    metrics = read_evaluation(evaluation_dir)["metrics"]
+    lines = (evaluation_dir / "comparison.md").read_text().splitlines()
+    assert lines[0] == "| metric | student | supervisor | student − supervisor | relative gain |"
+    rows = {
+        cells[0]: cells[1:]
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+    }
+    for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
+        student, supervisor = metrics["student"][key], metrics["supervisor"][key]
+        relative = (student - supervisor) / abs(supervisor)
+        assert rows[label] == [
+            f"{student:.4f}",
+            f"{supervisor:.4f}",
+            f"{student - supervisor:+.4f}",
+            f"{relative:+.2%}",
+        ]
+    report = (evaluation_dir / "report.html").read_text()
+    assert "<th>relative gain</th>" in report
+    alone = markdown_table({"student": metrics["student"]})  # a black-box supervisor: the student only
+    assert alone.splitlines()[0] == "| metric | student |" and len(alone.splitlines()) == 5

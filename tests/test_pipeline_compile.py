@@ -205,3 +205,11 @@ def test_components_run_the_image_given_and_install_nothing(compiled):
         assert executor["container"]["image"] == IMAGE
     assert "pip install" not in text
     assert ClusterOptions().image == BASE_IMAGE  # without --image: $PROXYTUNE_IMAGE or the default
+
+
+def test_the_evaluation_publishes_its_table_as_a_markdown_artifact(compiled):
+    _, spec, _ = compiled
+    component = spec["components"][task_spec(spec, "evaluate")["componentRef"]["name"]]
+    outputs = component["outputDefinitions"]["artifacts"]
+    assert outputs["table"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
