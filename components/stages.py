@@ -42,6 +42,25 @@ def plan(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def plan_bench(
+    dataset_uri: str,
+    subjects: str,
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+) -> list:
+    """Validate a DreamBench-wide run; returns one single-subject group per subject."""
+    from proxytune.steps import plan_bench_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    return plan_bench_step(dataset_uri, subjects, preset, overrides, tracking)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ingest(
     planned: dict,
     mlflow_tracking_uri: str,
@@ -152,10 +171,32 @@ def tune_student(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def tune_direct(
+    subjects: Input[list[Dataset]],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    direct: Output[Model],
+):
+    """The direct-tuning baseline (the student's LoRA on the real photos) when
+    evaluation.methods lists direct; returns at once otherwise."""
+    from proxytune.steps import tune_direct_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    paths = [subject.path for subject in subjects]
+    direct.metadata.update(tune_direct_step(paths, direct.path, preset, overrides, tracking))
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
     subjects: Input[list[Dataset]],
     supervisors: Input[list[Model]],
     student: Input[Model],
+    direct: Input[Model],
     preset: str,
     overrides: dict,
     mlflow_tracking_uri: str,
@@ -167,8 +208,8 @@ def evaluate(
     table: Output[Markdown],
     samples: Output[Dataset],
 ):
-    """CLIP-I / CLIP-T / DINO of the student and each subject's supervisor on DreamBench prompts,
-    with an HTML report and the metrics table as Markdown."""
+    """CLIP-I / CLIP-T / DINO of the student and the other methods of evaluation.methods on
+    DreamBench prompts, with an HTML report and the comparison table as Markdown."""
     from proxytune.steps import evaluate_step
     from proxytune.tracking import TrackingContext
 
@@ -177,6 +218,7 @@ def evaluate(
         [s.path for s in subjects],
         [s.path for s in supervisors],
         student.path,
+        direct.path,
         samples.path,
         report.path,
         table.path,
@@ -206,3 +248,27 @@ def register(
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     return register_step(student.path, samples.path, registered_model_name, preset, overrides, tracking)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def aggregate(
+    evaluations: Input[list[Dataset]],
+    preset: str,
+    overrides: dict,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    table: Output[Markdown],
+    bench: Output[Dataset],
+):
+    """The DreamBench-wide table: per-method means over subjects and per-subject rows."""
+    from proxytune.steps import aggregate_step
+    from proxytune.tracking import TrackingContext
+
+    tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
+    paths = [evaluation.path for evaluation in evaluations]
+    for name, value in aggregate_step(paths, bench.path, report.path, table.path, tracking).items():
+        metrics.log_metric(name, value)

@@ -60,6 +60,8 @@ def _cpu(gb: int, cores: int, gpus: int = 0) -> Resources:
 # (bf16, 14-24 GB) before it moves to the GPU; evaluation holds a generator and two encoders.
 DEFAULT_RESOURCES = {
     "plan": _cpu(2, 1),
+    "plan-bench": _cpu(2, 1),
+    "aggregate": _cpu(4, 1),
     "ingest": _cpu(2, 1),
     "proxy-shards": _cpu(1, 1),
     "merge-proxy": _cpu(8, 2),  # DINO scores the proxy images when filtering
@@ -67,9 +69,10 @@ DEFAULT_RESOURCES = {
     "tune-supervisor": _cpu(64, 8, gpus=1),
     "generate-proxy": _cpu(64, 8, gpus=1),
     "tune-student": _cpu(96, 8, gpus=1),
+    "tune-direct": _cpu(96, 8, gpus=1),
     "evaluate": _cpu(64, 8, gpus=1),
 }
-MODEL_STEPS = {"tune-supervisor", "generate-proxy", "tune-student", "evaluate", "merge-proxy"}
+MODEL_STEPS = {"tune-supervisor", "generate-proxy", "tune-student", "tune-direct", "evaluate", "merge-proxy"}
 
 
 class ClusterOptions(BaseModel):

@@ -1,6 +1,7 @@
 """The Proxy-Tuning pipeline: plan -> per subject (ingest -> tune_supervisor -> generate_proxy
-in `proxy.shards` parts -> merge_proxy) -> tune_student on all proxy datasets -> evaluate ->
-register.
+in `proxy.shards` parts -> merge_proxy) -> tune_student on all proxy datasets (and, beside it,
+tune_direct: the direct-tuning baseline on the photos, when `evaluation.methods` lists direct)
+-> evaluate -> register.
 
 One subject is the usual run (the Kubeflow UI asks for its URI and class noun);
 `extra_subjects` adds more, each `{"uri", "class_noun", "name"?, "identifier"?, "proxy_uri"?}`,
@@ -28,19 +29,24 @@ from kfp import compiler, dsl
 from kfp.dsl import HTML, Dataset, Metrics, Model
 
 from components import (
+    aggregate,
     evaluate,
     generate_proxy,
     ingest,
     merge_proxy,
     plan,
+    plan_bench,
     proxy_shards,
     register,
+    tune_direct,
     tune_student,
     tune_supervisor,
 )
 from pipelines.cluster import ClusterOptions, schedule
+from proxytune.bench import BENCH_METHODS
 
 PIPELINE_NAME = "proxy-tuning"
+BENCH_NAME = "dreambench"
 
 
 class Outputs(NamedTuple):
@@ -55,12 +61,25 @@ class SubjectOutputs(NamedTuple):
     proxy: Dataset
 
 
-def build(parallelism: int | None = None, cluster: ClusterOptions | None = None):
-    """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
-    once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
-    runs them in turn (KFP fixes loop parallelism and pod specs when the pipeline is defined).
-    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`)."""
-    cluster = cluster or ClusterOptions()
+class ProtocolOutputs(NamedTuple):
+    student: Model
+    samples: Dataset
+    metrics: Metrics
+    report: HTML
+
+
+class BenchOutputs(NamedTuple):
+    bench: Dataset
+    metrics: Metrics
+    report: HTML
+
+
+def _protocol(parallelism: int | None, cluster: ClusterOptions):
+    """The Proxy-Tuning protocol on a list of planned subjects, as a sub-pipeline: each subject's
+    stages in a ParallelFor (inside it, proxy generation in a ParallelFor over shards), then one
+    student on all proxy datasets, the direct baseline beside it, and the evaluation. The
+    `proxy-tuning` pipeline runs it once on all subjects (one multi-subject student);
+    `dreambench` runs it once per subject."""
 
     @dsl.pipeline(name=f"{PIPELINE_NAME}-subject", description="One subject: photos, supervisor, proxy data.")
     def subject_stages(
@@ -83,6 +102,50 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
             supervisor=supervisor.outputs["supervisor"],
             proxy=proxy.outputs["proxy"],
         )
+
+    @dsl.pipeline(
+        name=f"{PIPELINE_NAME}-protocol", description="Subjects -> one student, its baseline, the evaluation."
+    )
+    def protocol(
+        subjects: list, preset: str, overrides: dict, mlflow_tracking_uri: str, mlflow_experiment: str
+    ) -> ProtocolOutputs:
+        run = {"preset": preset, "overrides": overrides, **_tracking(mlflow_tracking_uri, mlflow_experiment)}
+        with dsl.ParallelFor(subjects, parallelism=parallelism) as planned:
+            stages = subject_stages(
+                planned=planned,
+                preset=preset,
+                overrides=overrides,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                mlflow_experiment=mlflow_experiment,
+            )
+        student = tune_student(proxies=dsl.Collected(stages.outputs["proxy"]), **run)
+        direct = tune_direct(subjects=dsl.Collected(stages.outputs["subject"]), **run)
+        scores = evaluate(
+            subjects=dsl.Collected(stages.outputs["subject"]),
+            supervisors=dsl.Collected(stages.outputs["supervisor"]),
+            student=student.outputs["student"],
+            direct=direct.outputs["direct"],
+            **run,
+        )
+        for task in (student, direct, scores):
+            schedule(task, cluster)
+        return ProtocolOutputs(
+            student=student.outputs["student"],
+            samples=scores.outputs["samples"],
+            metrics=scores.outputs["metrics"],
+            report=scores.outputs["report"],
+        )
+
+    return protocol
+
+
+def build(parallelism: int | None = None, cluster: ClusterOptions | None = None):
+    """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
+    once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
+    runs them in turn (KFP fixes loop parallelism and pod specs when the pipeline is defined).
+    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`)."""
+    cluster = cluster or ClusterOptions()
+    protocol = _protocol(parallelism, cluster)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -121,7 +184,6 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
             registered_model_name: Registered model of the student (default: proxytune-<subject>).
         """
         tracking = _tracking(mlflow_tracking_uri, mlflow_experiment)
-        run = {"preset": preset, "overrides": overrides, **tracking}
         subjects = plan(
             subject_uri=subject_uri,
             class_noun=class_noun,
@@ -133,36 +195,88 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
             overrides=overrides,
             **tracking,
         )
-        with dsl.ParallelFor(subjects.output, parallelism=parallelism) as planned:
-            stages = subject_stages(
-                planned=planned,
+        evaluated = protocol(
+            subjects=subjects.output,
+            preset=preset,
+            overrides=overrides,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_experiment=mlflow_experiment,
+        )
+        registration = register(
+            student=evaluated.outputs["student"],
+            samples=evaluated.outputs["samples"],
+            registered_model_name=registered_model_name,
+            preset=preset,
+            overrides=overrides,
+            **tracking,
+        ).set_caching_options(False)
+        for task in (subjects, registration):
+            schedule(task, cluster)
+        return Outputs(
+            registration=registration.output,
+            metrics=evaluated.outputs["metrics"],
+            report=evaluated.outputs["report"],
+        )
+
+    return proxy_tuning
+
+
+def build_dreambench(parallelism: int | None = None, cluster: ClusterOptions | None = None):
+    """The DreamBench-wide pipeline: the protocol once per subject of a DreamBench-layout
+    dataset (a ParallelFor over subjects, each its own student and baseline), then one table of
+    the paper's means with per-subject rows. Nothing is registered: it measures the method."""
+    cluster = cluster or ClusterOptions()
+    protocol = _protocol(parallelism, cluster)
+
+    @dsl.pipeline(
+        name=BENCH_NAME,
+        description="Proxy-Tuning over every subject of a DreamBench-layout dataset: student, supervisor "
+        "and direct baseline per subject, and the mean table.",
+    )
+    def dreambench(
+        dataset_uri: str,
+        subjects: str = "",
+        preset: str = "tiny",
+        overrides: dict = {"evaluation.methods": BENCH_METHODS},  # noqa: B006 (KFP needs a literal default)
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "proxytune-dreambench",
+    ) -> BenchOutputs:
+        """DreamBench-wide evaluation.
+
+        Args:
+            dataset_uri: s3://bucket/prefix (or folder) with one folder of photos per subject and
+                prompts_and_classes.txt ("subject_name,class" lines).
+            subjects: Comma-separated subjects to run (default: every subject with a folder).
+            preset: tiny (CPU smoke test), small (one 24 GB GPU) or paper (the paper's setting).
+            overrides: Parameter overrides (default: the methods student, supervisor, direct).
+            mlflow_tracking_uri: MLflow server (default: the proxytune-config ConfigMap's).
+            mlflow_experiment: MLflow experiment of the run.
+        """
+        tracking = _tracking(mlflow_tracking_uri, mlflow_experiment)
+        groups = plan_bench(
+            dataset_uri=dataset_uri, subjects=subjects, preset=preset, overrides=overrides, **tracking
+        )
+        with dsl.ParallelFor(groups.output, parallelism=parallelism) as group:
+            evaluated = protocol(
+                subjects=group,
                 preset=preset,
                 overrides=overrides,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 mlflow_experiment=mlflow_experiment,
             )
-        student = tune_student(proxies=dsl.Collected(stages.outputs["proxy"]), **run)
-        scores = evaluate(
-            subjects=dsl.Collected(stages.outputs["subject"]),
-            supervisors=dsl.Collected(stages.outputs["supervisor"]),
-            student=student.outputs["student"],
-            **run,
+        table = aggregate(
+            evaluations=dsl.Collected(evaluated.outputs["samples"]),
+            preset=preset,
+            overrides=overrides,
+            **tracking,
         )
-        registration = register(
-            student=student.outputs["student"],
-            samples=scores.outputs["samples"],
-            registered_model_name=registered_model_name,
-            **run,
-        ).set_caching_options(False)
-        for task in (subjects, student, scores, registration):
+        for task in (groups, table):
             schedule(task, cluster)
-        return Outputs(
-            registration=registration.output,
-            metrics=scores.outputs["metrics"],
-            report=scores.outputs["report"],
+        return BenchOutputs(
+            bench=table.outputs["bench"], metrics=table.outputs["metrics"], report=table.outputs["report"]
         )
 
-    return proxy_tuning
+    return dreambench
 
 
 def _tracking(mlflow_tracking_uri: str, mlflow_experiment: str) -> dict:
@@ -177,6 +291,10 @@ def _tracking(mlflow_tracking_uri: str, mlflow_experiment: str) -> dict:
 proxy_tuning = build()
 
 
-def compile_pipeline(path: str, cluster: ClusterOptions | None = None) -> str:
-    compiler.Compiler().compile(build(cluster=cluster), package_path=path)
+def compile_pipeline(path: str, cluster: ClusterOptions | None = None, name: str = PIPELINE_NAME) -> str:
+    """Compile `name` (proxy-tuning or dreambench) to KFP YAML at `path`."""
+    builders = {PIPELINE_NAME: build, BENCH_NAME: build_dreambench}
+    if name not in builders:
+        raise ValueError(f"unknown pipeline {name!r}; choose from {', '.join(builders)}")
+    compiler.Compiler().compile(builders[name](cluster=cluster), package_path=path)
     return path

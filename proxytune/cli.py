@@ -1,5 +1,5 @@
-"""Command line: `proxytune run --local`, `generate`, `convert-vqgan`, `compile`, `upload`,
-`submit`, `schedule`, `models`, `promote`, `rollback`, `backends`, `presets`."""
+"""Command line: `proxytune run --local`, `bench`, `generate`, `convert-vqgan`, `compile`,
+`upload`, `submit`, `schedule`, `models`, `promote`, `rollback`, `backends`, `presets`, `study`."""
 
 from __future__ import annotations
 
@@ -86,29 +86,33 @@ def _parser() -> argparse.ArgumentParser:
         help="import the subject's proxy images from here (made by any supervisor, with optional "
         "<image stem>.txt captions) instead of tuning one; once per --subject, '' to draw them",
     )
-    run.add_argument(
-        "--preset",
-        help="parameter preset: tiny (CPU), small or paper (GPU) (default: the config's, else tiny)",
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one parameter, e.g. --set supervisor.steps=100 (repeatable; over the config's)",
-    )
-    run.add_argument(
-        "--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)"
-    )
+    _run_arguments(run)
     run.add_argument("--experiment", help="MLflow experiment (default: the config's, else proxytune)")
     run.add_argument(
         "--model-name", help="registered model name (default: the config's, else proxytune-<subject>)"
     )
     run.set_defaults(handler=_run)
 
-    compile_ = commands.add_parser("compile", help="compile the pipeline to KFP YAML")
+    bench = commands.add_parser(
+        "bench",
+        help="run the protocol over every subject of a DreamBench-layout dataset (the dreambench pipeline)",
+    )
+    bench.add_argument(
+        "--dataset",
+        required=True,
+        metavar="DIR|s3://...",
+        help="one folder of photos per subject and prompts_and_classes.txt (subject_name,class lines)",
+    )
+    bench.add_argument(
+        "--subjects", default="", metavar="A,B", help="only these subjects (default: every one with a folder)"
+    )
+    _run_arguments(bench)
+    bench.add_argument("--experiment", default="proxytune-dreambench", help="MLflow experiment")
+    bench.set_defaults(handler=_bench)
+
+    compile_ = commands.add_parser("compile", help="compile a pipeline to KFP YAML")
     compile_.add_argument("-o", "--output", default="proxy-tuning.yaml", help="output file")
+    _pipeline_argument(compile_)
     _cluster_arguments(compile_)
     compile_.set_defaults(handler=_compile)
 
@@ -121,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--name", default="proxy-tuning", help="name in the UI (default: %(default)s)")
     upload.add_argument("--version", help="name of a new version (default: <image tag>-<UTC time>)")
     upload.add_argument("--namespace", help="namespace of a multi-user Kubeflow (token: $KF_PIPELINES_TOKEN)")
+    _pipeline_argument(upload)
     _cluster_arguments(upload)
     upload.set_defaults(handler=_upload)
 
@@ -222,7 +227,81 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", required=True, help="tokenizer/vqgan.yaml beside it")
     convert.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
     convert.set_defaults(handler=_convert_vqgan)
+
+    study = commands.add_parser("study", help="blind user study: questionnaire from evaluations, analysis")
+    study_commands = study.add_subparsers(required=True, metavar="SUBCOMMAND")
+    export = study_commands.add_parser(
+        "export", help="write questionnaire/ (to publish) and key.json (to keep) from evaluation folders"
+    )
+    export.add_argument("runs", nargs="+", metavar="RUN", help="evaluation output folder (evaluation.json)")
+    export.add_argument("--out", required=True, help="study folder (its questionnaire/ must be new or empty)")
+    export.add_argument("--prompts", type=int, default=3, help="prompts per subject (default: 3)")
+    export.add_argument("--images", type=int, default=2, help="images per prompt and method (default: 2)")
+    export.add_argument(
+        "--methods", help="comma-separated, e.g. student,supervisor (default: those every subject has)"
+    )
+    export.add_argument("--seed", type=int, default=0, help="salts study, item, image ids (default: 0)")
+    export.set_defaults(handler=_study_export)
+    analyze = study_commands.add_parser("analyze", help="per-method mean ratings from answer files")
+    analyze.add_argument("answers", nargs="+", metavar="ANSWERS", help="a participant's answers file")
+    analyze.add_argument("--key", required=True, help="the study's key.json")
+    analyze.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
+    analyze.set_defaults(handler=_study_analyze)
     return parser
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `run --local` and `bench` share: preset, overrides, workdir."""
+    parser.add_argument(
+        "--preset",
+        help="parameter preset: tiny (CPU), small or paper (GPU) (default: the config's, else tiny)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one parameter, e.g. --set supervisor.steps=100 (repeatable; over the config's)",
+    )
+    parser.add_argument(
+        "--workdir", default="proxytune-work", help="outputs, MLflow DB and store (default: ./proxytune-work)"
+    )
+
+
+def _pipeline_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pipeline",
+        choices=("proxy-tuning", "dreambench"),
+        default="proxy-tuning",
+        help="proxy-tuning (one run, registers the student) or dreambench (every subject of a dataset)",
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from proxytune.bench import REPORT_FILE, TABLE_FILE
+    from proxytune.config import parse_overrides
+    from proxytune.local import run_bench
+
+    subjects = [name.strip() for name in args.subjects.split(",") if name.strip()]
+    console.rule(f"proxytune bench: {args.dataset}, preset {args.preset or 'tiny'}")
+    try:
+        table = run_bench(
+            args.dataset,
+            args.workdir,
+            args.preset or "tiny",
+            parse_overrides(args.overrides),
+            subjects,
+            args.experiment,
+        )
+    except RuntimeError as error:
+        console.print(f"[red]bench failed:[/red] {error}")
+        return 1
+    _print_scores(table["means"], f"Means over {len(table['subjects'])} subject(s) (raw cosine, all pairs)")
+    workdir = Path(args.workdir).resolve()
+    console.print(f"table:  {workdir / TABLE_FILE}")
+    console.print(f"report: {workdir / REPORT_FILE}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -300,14 +379,18 @@ def _subjects(args: argparse.Namespace, example: Path, example_class: str) -> li
     return subjects
 
 
-def _print_summary(summary: dict) -> None:
-    table = Table(title="Subject fidelity (raw cosine, all pairs)")
-    table.add_column("model")
+def _print_scores(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("method")
     for label in ("CLIP-I", "CLIP-T", "DINO"):
         table.add_column(label, justify="right")
-    for model, scores in summary["metrics"].items():
-        table.add_row(model, *(f"{scores[k]:.4f}" for k in ("clip_i", "clip_t", "dino")))
+    for method, scores in metrics.items():
+        table.add_row(method, *(f"{scores[k]:.4f}" for k in ("clip_i", "clip_t", "dino")))
     console.print(table)
+
+
+def _print_summary(summary: dict) -> None:
+    _print_scores(summary["metrics"], "Subject fidelity (raw cosine, all pairs)")
     model = summary["registered_model"]
     console.print(
         f"registered: [bold]{model['name']}[/bold] v{model['version']} {model['aliases']} ({model['gate']})"
@@ -405,14 +488,15 @@ def _compile(args: argparse.Namespace) -> int:
     from pipelines.proxy_tuning import compile_pipeline
 
     cluster = _cluster(args)
-    console.print(f"compiled pipeline -> {compile_pipeline(args.output, cluster)} (image {cluster.image})")
+    path = compile_pipeline(args.output, cluster, args.pipeline)
+    console.print(f"compiled pipeline {args.pipeline} -> {path} (image {cluster.image})")
     return 0
 
 
 def _upload(args: argparse.Namespace) -> int:
     from proxytune.upload import upload
 
-    done = upload(args.host, _cluster(args), args.name, args.version, args.namespace or None)
+    done = upload(args.host, _cluster(args), args.name, args.version, args.namespace or None, args.pipeline)
     if done.new_pipeline:
         console.print(f"uploaded pipeline [bold]{args.name}[/bold] (id {done.pipeline_id}) to {args.host}")
     else:
@@ -621,6 +705,50 @@ def _backends(args: argparse.Namespace) -> int:
         for name, description in registry.describe().items():
             table.add_row(kind, name, description)
     console.print(table)
+    return 0
+
+
+def _study_export(args: argparse.Namespace) -> int:
+    from proxytune.study import export_study
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    info = export_study(
+        [Path(run) for run in args.runs],
+        Path(args.out),
+        prompts_per_subject=args.prompts,
+        images_per_method=args.images,
+        methods=methods,
+        seed=args.seed,
+    )
+    for method, subjects in info.skipped.items():
+        console.print(f"[yellow]left out[/yellow] {method}: no samples for {', '.join(subjects)}")
+    console.print(
+        f"study {info.study}: {info.items} images ({', '.join(info.methods)}; {', '.join(info.subjects)})"
+    )
+    console.print(f"publish {info.page.parent} (open {info.page}); keep {info.key} private")
+    return 0
+
+
+def _study_analyze(args: argparse.Namespace) -> int:
+    from proxytune.study import CRITERIA, analyze_answers, write_rows_csv
+
+    rows = analyze_answers([Path(a) for a in args.answers], Path(args.key))
+    table = Table(title=f"user study: mean rating ± standard error, {len(args.answers)} participant(s)")
+    table.add_column("method")
+    for _, title, _ in CRITERIA:
+        table.add_column(title, justify="right")
+    table.add_column("n", justify="right")
+    for method in dict.fromkeys(row.method for row in rows):
+        cells = {row.criterion: row for row in rows if row.method == method}
+        table.add_row(
+            method,
+            *(f"{cells[key].mean:.2f} ± {cells[key].sem:.2f}" for key, _, _ in CRITERIA),
+            str(max(row.n for row in cells.values())),
+        )
+    console.print(table)
+    if args.csv:
+        write_rows_csv(rows, Path(args.csv))
+        console.print(f"wrote {args.csv}")
     return 0
 
 

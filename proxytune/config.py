@@ -163,8 +163,18 @@ class StudentParams(TrainingParams):
         return self
 
 
+EVAL_METHODS = ("student", "supervisor", "direct", "base")
+
+
 class EvalParams(_Params):
-    """DreamBench-style evaluation of student and supervisor."""
+    """DreamBench-style evaluation of the student beside the other methods."""
+
+    methods: list[str] = Field(
+        ["student", "supervisor"],
+        description="what is sampled and scored: student (proxy-tuned), supervisor (its diffusion "
+        "teacher), direct (the student's base LoRA-tuned on the real photos, same steps and settings), "
+        "base (the untuned AR model)",
+    )
 
     clip_encoder: str = "tiny-clip"
     dino_encoder: str = "tiny-dino"
@@ -193,6 +203,19 @@ class EvalParams(_Params):
     )
 
     _check_encoders = field_validator("clip_encoder", "dino_encoder")(lambda v: ENCODERS.check(v))
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in EVAL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(EVAL_METHODS)}")
+        if "student" not in value:
+            raise ValueError("methods must include student: the others are compared with it")
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods {value} lists one twice")
+        return [m for m in EVAL_METHODS if m in value]
+
     _check_sampling = field_validator("student_sampling")(lambda v: check_overrides(v))
 
     @field_validator("variance_samples")
@@ -273,6 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "images_per_prompt": 2,
             "batch_size": 4,
             "variance_samples": 25,
+            "methods": ["student", "supervisor", "direct"],
         },
     },
     # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
@@ -293,6 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_prompts": 25,
             "images_per_prompt": 4,
             "variance_samples": 100,  # as the supplementary's Fig. 1
+            "methods": ["student", "supervisor", "direct", "base"],
         },
     },
 }

@@ -1,12 +1,14 @@
-"""Evaluation: student and supervisor on DreamBench prompts, CLIP-I / CLIP-T / DINO.
+"""Evaluation: the student beside its supervisor, the direct-tuning baseline and the untuned
+base model (`EvalParams.methods`) on DreamBench prompts, CLIP-I / CLIP-T / DINO.
 
-Reference features are computed once per subject and shared by both models; each model is
-loaded, sampled and released in turn so only one generator is in memory at a time. A
-multi-subject student is evaluated on every subject it learnt, each beside its own
-supervisor; the run's metrics are the means over subjects. With `variance_samples`, each
-model also draws that many samples per subject on varied prompts for the feature-variance
-analysis (`proxytune.variance`, the supplementary's Fig. 1).
-"""
+Every method draws the same prompts with the same seeds. Reference features are computed
+once per subject and shared by all methods; each model is loaded, sampled and released in
+turn so only one generator is in memory at a time. A multi-subject student is evaluated on
+every subject it learnt, each beside its own supervisor; the run's metrics are the means over
+subjects. With `variance_samples`, each method also draws that many samples per subject on
+varied prompts for the feature-variance analysis (`proxytune.variance`, the supplementary's
+Fig. 1). The comparison (`proxytune.report`) gives the student's gain over each other method
+and, with the published encoders and backends, the paper's numbers (`proxytune.paper`)."""
 
 from __future__ import annotations
 
@@ -21,22 +23,23 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from proxytune.backends._base import ImageEncoder, ModelSource, default_device
-from proxytune.config import EvalParams
+from proxytune.config import EVAL_METHODS, EvalParams
 from proxytune.contracts import EVALUATION_FILE, AdapterCard, Subject, read_adapter_card
 from proxytune.fsutil import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from proxytune.ingest import load_subject
-from proxytune.metrics import PROTOCOL, mean_paired_cosine, mean_pairwise_cosine
+from proxytune.metrics import PROTOCOL, flat_gains, gains, mean_paired_cosine, mean_pairwise_cosine
+from proxytune.paper import reported_rows
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import ENCODERS
 from proxytune.report import markdown_table, write_report
 from proxytune.sampling import Sampling
-from proxytune.student import load_student
+from proxytune.student import load_base_student, load_student
 from proxytune.supervisor import load_supervisor
 from proxytune.tracking import Tracker
 from proxytune.variance import Spread, plot_variance
 
 log = logging.getLogger(__name__)
-MODELS = ("student", "supervisor")
+AR_METHODS = ("student", "direct", "base")  # sampled by the AR model, from one load each
 VARIANCE_PLOT = "variance.png"
 COMPARISON_FILE = "comparison.md"  # the metrics table (the KFP Markdown artifact)
 # Variance samples draw seeds params.seed + VARIANCE_SEED + i, the same for every subject and
@@ -113,13 +116,16 @@ class SubjectRun:
     subject: Subject
     photos: list[Image.Image]
     supervisor_dir: Path
+    supervisor: AdapterCard
     templates: list[str]
     prompts: list[str]  # with the identifier, one per image
     clean: list[str]  # without it, for CLIP-T
     variance_prompts: list[str]  # the whole DreamBench list, cycled, one per variance sample
 
     @classmethod
-    def of(cls, subject_dir: str | Path, supervisor_dir: Path, params: EvalParams) -> SubjectRun:
+    def of(
+        cls, subject_dir: str | Path, supervisor_dir: Path, supervisor: AdapterCard, params: EvalParams
+    ) -> SubjectRun:
         subject, photos = load_subject(subject_dir)
         templates = dreambench_prompts(subject.class_noun, params.num_prompts)
         repeat = params.images_per_prompt
@@ -128,6 +134,7 @@ class SubjectRun:
             subject,
             photos,
             supervisor_dir,
+            supervisor,
             templates,
             [fill(t, subject.identifier, subject.class_noun) for t in templates for _ in range(repeat)],
             [fill(t, None, subject.class_noun) for t in templates for _ in range(repeat)],
@@ -147,11 +154,23 @@ class Draw:
     seeds: list[int]
 
 
+@dataclass
+class Drawn:
+    """What the sampling produced, per subject: images by method (the metric samples and the
+    variance samples) and the cards of the adapters that drew them."""
+
+    samples: list[dict[str, list[Image.Image]]]
+    spread: list[dict[str, list[Image.Image]]]
+    cards: list[dict[str, AdapterCard]]
+    sampling: Sampling | None = None  # the AR methods' sampling settings
+
+
 def pair_supervisors(
     subject_dirs: Sequence[str | Path], supervisor_dirs: Sequence[str | Path], params: EvalParams
 ) -> list[SubjectRun]:
     """Each subject with the supervisor tuned on it (matched by the name in its card)."""
-    by_subject = {read_adapter_card(d, "supervisor").subjects[0].name: Path(d) for d in supervisor_dirs}
+    cards = [(Path(d), read_adapter_card(d, "supervisor")) for d in supervisor_dirs]
+    by_subject = {card.subjects[0].name: (d, card) for d, card in cards}
     runs = []
     for subject_dir in subject_dirs:
         name = load_subject(subject_dir)[0].name
@@ -159,8 +178,29 @@ def pair_supervisors(
             raise ValueError(
                 f"no supervisor was tuned on subject {name!r} (have: {', '.join(sorted(by_subject))})"
             )
-        runs.append(SubjectRun.of(subject_dir, by_subject[name], params))
+        runs.append(SubjectRun.of(subject_dir, *by_subject[name], params))
     return runs
+
+
+def ar_adapters(
+    methods: Sequence[str], student_dir: str | Path, direct_dir: str | Path | None
+) -> dict[str, tuple[Path, AdapterCard]]:
+    """The tuned AR adapters to sample, by method; the direct baseline must be the student's
+    backend tuned on the same subjects, or the comparison would not be like for like."""
+    student = read_adapter_card(student_dir, "student")
+    adapters = {"student": (Path(student_dir), student)}
+    if "direct" not in methods:
+        return adapters
+    if direct_dir is None:
+        raise ValueError("evaluation.methods lists direct, but no direct-tuned adapter was given")
+    direct = read_adapter_card(direct_dir, "student")
+    if direct.backend != student.backend or direct.subjects != student.subjects:
+        raise ValueError(
+            f"{direct_dir}: the direct baseline ({direct.backend}, {[s.name for s in direct.subjects]}) "
+            f"does not match the student ({student.backend}, {[s.name for s in student.subjects]})"
+        )
+    adapters["direct"] = (Path(direct_dir), direct)
+    return adapters
 
 
 def evaluate(
@@ -171,118 +211,188 @@ def evaluate(
     params: EvalParams,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
+    direct_dir: str | Path | None = None,
 ) -> dict:
-    """Sample the student and each subject's supervisor on the subject's prompts, score them,
-    and write samples, `evaluation.json` and `report.html` (with `variance.png` when
-    `variance_samples` is set) to `out_dir`.
+    """Sample every method of `params.methods` on each subject's prompts with the same seeds,
+    score them, and write samples, the reference photos, `evaluation.json`, `comparison.md` and
+    `report.html` (with `variance.png` when `variance_samples` is set) to `out_dir`.
 
-    Several subjects (a multi-subject student) are scored one by one; the run's `metrics`
-    are their means (a model's over the subjects it was sampled on: a black-box supervisor,
-    known only by its imported images, cannot draw the evaluation prompts). The encoders load
-    first, so a bad encoder source fails before any sampling. Returns the evaluation."""
+    `direct_dir`: the direct baseline's adapter (`proxytune.baseline`), needed when the methods
+    list `direct`; `base` samples the student's untuned base model. Several subjects (a
+    multi-subject student) are scored one by one; the run's `metrics` are their means (a
+    method's over the subjects it was sampled on: a black-box supervisor, known only by its
+    imported images, cannot draw the evaluation prompts). Adapters are checked and encoders
+    load first, so a bad input fails before any sampling. Returns the evaluation."""
     tracker = tracker or Tracker()
     device = device or default_device()
     runs = pair_supervisors(_as_list(subject_dirs), _as_list(supervisor_dirs), params)
+    adapters = ar_adapters(params.methods, student_dir, direct_dir)
+    if sum(len(run.prompts) for run in runs) > VARIANCE_SEED:
+        raise ValueError("so many metric samples would reuse the variance samples' seeds")
     tracker.log_params(params.model_dump())
     encoders = Encoders.load(params, device)
     log.info("encoders: %s", encoders.describe())
     tracker.log_params({"encoders": encoders.describe()})
 
-    all_prompts = [p for run in runs for p in run.prompts]
-    if len(all_prompts) > VARIANCE_SEED:
-        raise ValueError(f"{len(all_prompts)} metric samples would reuse the variance samples' seeds")
-    variance_seeds = [params.seed + VARIANCE_SEED + i for i in range(params.variance_samples)]
-    student_draws = [
-        Draw("student samples", all_prompts, [params.seed + i for i in range(len(all_prompts))]),
-        Draw(
-            "student variance samples",
-            [p for run in runs for p in run.variance_prompts],
-            variance_seeds * len(runs),
-        ),
-    ]
-    (student_images, student_spread), student_card, sampling = _sample_student(
-        student_dir, student_draws, params, device
-    )
-    _release(device)
-    samples, spread_samples, cards = [], [], []
-    offset, count = 0, params.variance_samples
-    for i, run in enumerate(runs):
-        images = {"student": student_images[offset : offset + len(run.prompts)]}
-        spread = {"student": student_spread[i * count : (i + 1) * count]}
-        card = read_adapter_card(run.supervisor_dir, "supervisor")
-        if card.imported:
-            log.info("%s: the supervisor is a black box (imported images); not sampled", run.subject.name)
-        else:
-            draws = [
-                Draw("supervisor samples", run.prompts, [params.seed + j for j in range(len(run.prompts))]),
-                Draw("supervisor variance samples", run.variance_prompts, variance_seeds),
-            ]
-            (images["supervisor"], spread["supervisor"]), card = _sample_supervisor(
-                run.supervisor_dir, draws, params, device
-            )
-            _release(device)
-        samples.append(images)
-        spread_samples.append(spread)
-        cards.append({"student": student_card, "supervisor": card})
-        offset += len(run.prompts)
-
+    drawn = draw(runs, adapters, params, device)
     results, spreads = [], {}
-    for run, images, spread in zip(runs, samples, spread_samples, strict=True):
+    for run, images, spread in zip(runs, drawn.samples, drawn.spread, strict=True):
         references = References.of(encoders, run.photos)
         results.append(_score(encoders, run, references, images, params))
-        if count:
+        if params.variance_samples:
             spreads[run.subject.name] = {
-                model: Spread.of(encoders.dino.embed_images(spread[model]), references.dino)
-                for model in spread
+                method: Spread.of(encoders.dino.embed_images(spread[method]), references.dino)
+                for method in spread
             }
-            results[-1]["variance"] = {model: s.summary() for model, s in spreads[run.subject.name].items()}
-    metrics = _means([r["metrics"] for r in results])
-    _log_scores(tracker, metrics, results, "metrics")
+            results[-1]["variance"] = {m: s.summary() for m, s in spreads[run.subject.name].items()}
+    evaluation = _summarise(results, runs, adapters, drawn, encoders, params)
+    _log_scores(tracker, evaluation["metrics"], results, "metrics")
+    tracker.log_metrics(flat_gains(evaluation["gains"]))
+    if spreads:
+        _log_scores(tracker, evaluation["variance"]["means"], results, "variance")
+    _write(out_dir, runs, evaluation, drawn, spreads)
+    for name in ("report.html", EVALUATION_FILE, COMPARISON_FILE, *([VARIANCE_PLOT] if spreads else [])):
+        tracker.log_artifact(Path(out_dir) / name)
+    return evaluation
 
+
+def draw(
+    runs: Sequence[SubjectRun],
+    adapters: dict[str, tuple[Path, AdapterCard]],
+    params: EvalParams,
+    device: torch.device,
+) -> Drawn:
+    """Sample every method, one model in memory at a time: each AR method (student, direct,
+    base) on all subjects' prompts from one load, then each subject's supervisor. Metric sample
+    j of a subject has seed `params.seed + j` and variance sample i `params.seed + VARIANCE_SEED
+    + i`, for every method alike."""
+    drawn = Drawn([{} for _ in runs], [{} for _ in runs], [{} for _ in runs])
+    variance_seeds = [params.seed + VARIANCE_SEED + i for i in range(params.variance_samples)]
+    prompts = [p for run in runs for p in run.prompts]
+    count = params.variance_samples
+    for method in (m for m in AR_METHODS if m in params.methods):
+        draws = [
+            Draw(f"{method} samples", prompts, [params.seed + i for i in range(len(prompts))]),
+            Draw(
+                f"{method} variance samples",
+                [p for run in runs for p in run.variance_prompts],
+                variance_seeds * len(runs),
+            ),
+        ]
+        (images, spread), card, drawn.sampling = _sample_ar(method, adapters, draws, params, device)
+        _release(device)
+        offset = 0
+        for i, run in enumerate(runs):
+            drawn.samples[i][method] = images[offset : offset + len(run.prompts)]
+            drawn.spread[i][method] = spread[i * count : (i + 1) * count]
+            if method != "base":
+                drawn.cards[i][method] = card
+            offset += len(run.prompts)
+    for i, run in enumerate(runs):
+        drawn.cards[i]["supervisor"] = run.supervisor
+        if "supervisor" not in params.methods:
+            continue
+        if run.supervisor.imported:
+            log.info("%s: the supervisor is a black box (imported images); not sampled", run.subject.name)
+            continue
+        draws = [
+            Draw("supervisor samples", run.prompts, [params.seed + j for j in range(len(run.prompts))]),
+            Draw("supervisor variance samples", run.variance_prompts, variance_seeds),
+        ]
+        drawn.samples[i]["supervisor"], drawn.spread[i]["supervisor"] = _sample_supervisor(
+            run.supervisor_dir, draws, params, device
+        )
+        _release(device)
+    return drawn
+
+
+def _summarise(
+    results: list[dict],
+    runs: Sequence[SubjectRun],
+    adapters: dict[str, tuple[Path, AdapterCard]],
+    drawn: Drawn,
+    encoders: Encoders,
+    params: EvalParams,
+) -> dict:
+    """`evaluation.json`: per-subject results, the means, the student's gains over every other
+    method, what each method was, and the paper's numbers where they apply."""
+    student = adapters["student"][1]
+    metrics = _means([r["metrics"] for r in results])
+    supervisors = {run.supervisor.backend for run in runs}
     evaluation = {
         "subjects": results,
         "metrics": metrics,
+        "gains": gains(metrics),
+        "methods": {method: _describe(method, adapters, supervisors) for method in metrics},
         "protocol": PROTOCOL,
         "encoders": encoders.describe(),
         "student": {
-            "backend": student_card.backend,
-            "adapter_sha256": student_card.adapter_sha256,
-            "sampling": sampling.model_dump(),
+            "backend": student.backend,
+            "adapter_sha256": student.adapter_sha256,
+            "sampling": drawn.sampling.model_dump(),
         },
+        "reported": reported_rows(
+            metrics, student.backend, supervisors, {"clip": params.clip_encoder, "dino": params.dino_encoder}
+        ),
     }
-    if count:
+    if params.variance_samples:
         evaluation["variance"] = {
-            "samples": count,
-            "first_seed": variance_seeds[0],
+            "samples": params.variance_samples,
+            "first_seed": params.seed + VARIANCE_SEED,
             "features": params.dino_encoder,
             "centroid": CENTROID,
             "means": _means([r["variance"] for r in results]),
         }
-        _log_scores(tracker, evaluation["variance"]["means"], results, "variance")
+    return evaluation
+
+
+def _describe(method: str, adapters: dict[str, tuple[Path, AdapterCard]], supervisors: set[str]) -> dict:
+    if method == "supervisor":
+        return {"backends": sorted(supervisors)}
+    card = adapters["student" if method == "base" else method][1]
+    described = {"backend": card.backend, "base_model": card.base_model.id}
+    if method != "base":
+        described |= {"adapter_sha256": card.adapter_sha256, "training_data": card.params["training_data"]}
+    return described
+
+
+def _write(
+    out_dir: str | Path,
+    runs: Sequence[SubjectRun],
+    evaluation: dict,
+    drawn: Drawn,
+    spreads: dict[str, dict[str, Spread]],
+) -> None:
+    """Samples, reference photos, `evaluation.json`, `comparison.md`, the plot and the report,
+    all at once (a half-written evaluation is never left)."""
     with atomic_directory(out_dir) as tmp:
-        for result, images in zip(results, samples, strict=True):
+        for run, result, images in zip(runs, evaluation["subjects"], drawn.samples, strict=True):
             for sample in result["samples"]:
                 (tmp / sample["file"]).parent.mkdir(parents=True, exist_ok=True)
                 images[sample["model"]][sample["index"]].save(tmp / sample["file"])
+            for file, photo in zip(result["references"], run.photos, strict=True):
+                (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+                photo.save(tmp / file)
         atomic_write_json(tmp / EVALUATION_FILE, evaluation)
-        atomic_write_text(tmp / COMPARISON_FILE, markdown_table(metrics))
+        atomic_write_text(
+            tmp / COMPARISON_FILE, markdown_table(evaluation["metrics"], evaluation["reported"])
+        )
         if spreads:
             plot_variance(tmp / VARIANCE_PLOT, spreads)
         write_report(
-            tmp / "report.html", runs, evaluation, samples, cards, tmp / VARIANCE_PLOT if spreads else None
+            tmp / "report.html",
+            runs,
+            evaluation,
+            drawn.samples,
+            drawn.cards,
+            tmp / VARIANCE_PLOT if spreads else None,
         )
-    tracker.log_artifact(Path(out_dir) / "report.html")
-    tracker.log_artifact(Path(out_dir) / EVALUATION_FILE)
-    tracker.log_artifact(Path(out_dir) / COMPARISON_FILE)
-    if spreads:
-        tracker.log_artifact(Path(out_dir) / VARIANCE_PLOT)
-    return evaluation
 
 
 def _means(per_subject: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Each model's scores averaged over the subjects it was sampled on."""
     means = {}
-    for model in MODELS:
+    for model in EVAL_METHODS:
         scored = [s[model] for s in per_subject if model in s]
         if scored:
             means[model] = {k: sum(s[k] for s in scored) / len(scored) for k in scored[0]}
@@ -338,6 +448,7 @@ def _score(
             for m in images
             for i in range(len(run.prompts))
         ],
+        "references": [f"{name}/reference/{i:02d}.png" for i in range(len(run.photos))],
     }
 
 
@@ -345,13 +456,23 @@ def _as_list(dirs: str | Path | Sequence[str | Path]) -> list[str | Path]:
     return [dirs] if isinstance(dirs, str | Path) else list(dirs)
 
 
-def _sample_student(
-    adapter_dir: str | Path, draws: Sequence[Draw], params: EvalParams, device: torch.device
+def _sample_ar(
+    method: str,
+    adapters: dict[str, tuple[Path, AdapterCard]],
+    draws: Sequence[Draw],
+    params: EvalParams,
+    device: torch.device,
 ) -> tuple[list[list[Image.Image]], AdapterCard, Sampling]:
-    """The student's images for each draw, from one load."""
-    backend, card = load_student(adapter_dir, device)
+    """One AR method's images for each draw, from one load: the student or the direct baseline
+    with its adapter, or (`base`) the student's base model without one; all with the student's
+    sampling settings."""
+    if method == "base":
+        card = adapters["student"][1]
+        backend = load_base_student(card, device)
+    else:
+        backend, card = load_student(adapters[method][0], device)
     sampling = backend.sampling.override(**params.student_sampling)
-    log.info("student sampling: %s", sampling)
+    log.info("%s sampling: %s", method, sampling)
 
     def generate(batch: list[str], seeds: list[int]) -> list[Image.Image]:
         return backend.generate(batch, seeds, sampling, params.batch_size)
@@ -361,15 +482,15 @@ def _sample_student(
 
 def _sample_supervisor(
     adapter_dir: Path, draws: Sequence[Draw], params: EvalParams, device: torch.device
-) -> tuple[list[list[Image.Image]], AdapterCard]:
+) -> list[list[Image.Image]]:
     """The supervisor's images for each draw, from one load."""
-    backend, card = load_supervisor(adapter_dir, device)
+    backend, _ = load_supervisor(adapter_dir, device)
     steps, guidance = backend.generation(params.supervisor_inference_steps, params.supervisor_guidance_scale)
 
     def generate(batch: list[str], seeds: list[int]) -> list[Image.Image]:
         return backend.generate(batch, seeds, steps, guidance)
 
-    return [_in_batches(draw, params.batch_size, generate) for draw in draws], card
+    return [_in_batches(draw, params.batch_size, generate) for draw in draws]
 
 
 def _in_batches(

@@ -17,11 +17,11 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxytune.fsutil import atomic_write_json
+from proxytune.fsutil import atomic_write_json, read_json
 from proxytune.ingest import scan_subject
 from proxytune.proxy import check_proxy_import
 from proxytune.runconfig import validate_run_config
@@ -56,6 +56,18 @@ def local_defaults(workdir: Path) -> dict[str, str]:
     return defaults
 
 
+@contextlib.contextmanager
+def _local_kfp(workdir: Path) -> Iterator[str]:
+    """kfp.local set up on `workdir` with the embedded defaults; yields the MLflow URI."""
+    from kfp import local
+
+    with _environment(local_defaults(workdir)):
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
+        )
+        yield os.environ["MLFLOW_TRACKING_URI"]
+
+
 def run_local(
     subjects: list[dict[str, str]],
     workdir: str | Path,
@@ -70,8 +82,6 @@ def run_local(
     and `proxy_uri` (import the proxy images from there); several make a multi-subject
     student. Bad inputs (photos and proxy imports included) raise ValueError before any task
     starts; a failed task gives a summary with status "failed" (and RuntimeError from kfp)."""
-    from kfp import local
-
     from pipelines.proxy_tuning import build
 
     workdir = Path(workdir).resolve()
@@ -98,11 +108,7 @@ def run_local(
         "subject_uris": [p["uri"] for p in planned],
     }
     started = time.monotonic()
-    with _environment(local_defaults(workdir)):
-        tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-        local.init(
-            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
-        )
+    with _local_kfp(workdir) as tracking_uri:
         try:
             task = build(parallelism=1)(**config.pipeline_arguments())
         except RuntimeError as error:
@@ -131,3 +137,38 @@ def run_local(
     )
     atomic_write_json(workdir / "summary.json", summary)
     return summary
+
+
+def run_bench(
+    dataset_uri: str,
+    workdir: str | Path,
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    subjects: Sequence[str] = (),
+    experiment: str = "proxytune-dreambench",
+) -> dict[str, Any]:
+    """The `dreambench` pipeline on this machine over a DreamBench-layout dataset (`subjects`:
+    only these); the table goes to `<workdir>/bench.json`, `bench.md` and `bench.html`.
+    Parameters, the dataset and every subject's photos are validated before any task starts."""
+    from pipelines.proxy_tuning import build_dreambench
+    from proxytune.bench import BENCH_FILE, REPORT_FILE, TABLE_FILE, bench_subjects, with_bench_methods
+    from proxytune.config import RunParams
+
+    workdir = Path(workdir).resolve()
+    dataset = _absolute(dataset_uri)
+    overrides = with_bench_methods(preset, overrides or {})
+    RunParams.resolve(preset, overrides)
+    for subject in bench_subjects(dataset, subjects):
+        scan_subject(subject["source_uri"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _local_kfp(workdir):
+        task = build_dreambench(parallelism=1)(
+            dataset_uri=dataset,
+            subjects=",".join(subjects),
+            preset=preset,
+            overrides=overrides,
+            mlflow_experiment=experiment,
+        )
+    for name in (BENCH_FILE, TABLE_FILE, REPORT_FILE):
+        shutil.copyfile(Path(task.outputs["bench"].path) / name, workdir / name)
+    return read_json(workdir / BENCH_FILE)

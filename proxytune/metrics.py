@@ -26,3 +26,26 @@ def mean_paired_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:
     if images.shape != texts.shape:
         raise ValueError(f"need one text per image, got {tuple(images.shape)} and {tuple(texts.shape)}")
     return (F.normalize(images.float(), dim=-1) * F.normalize(texts.float(), dim=-1)).sum(-1).mean().item()
+
+
+def gains(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The student's gain over every other method scored, per score, absolute and relative:
+    `gains[method][score] = {"gain": student - method, "relative_gain": gain / |method|}`."""
+    student = metrics["student"]
+    return {
+        method: {
+            k: {"gain": student[k] - v, "relative_gain": (student[k] - v) / abs(v)} for k, v in scores.items()
+        }
+        for method, scores in metrics.items()
+        if method != "student"
+    }
+
+
+def flat_gains(gains: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """`gain_vs_supervisor_dino`, `relative_gain_vs_direct_clip_i`, ...: for MLflow and KFP Metrics."""
+    return {
+        f"{kind}_vs_{method}_{score}": value
+        for method, scores in gains.items()
+        for score, values in scores.items()
+        for kind, value in values.items()
+    }

@@ -103,7 +103,12 @@ def register(
         logged = log_served_model(student_dir, evaluation)
     tags = {
         **{k: f"{v:.6f}" for k, v in student.items()},
-        **{f"supervisor_{k}": f"{v:.6f}" for k, v in metrics.get("supervisor", {}).items()},
+        **{
+            f"{m}_{k}": f"{v:.6f}"
+            for m, scores in metrics.items()
+            if m != "student"
+            for k, v in scores.items()
+        },
         "subjects": ",".join(s["subject"] for s in evaluation["subjects"]),
         "class_nouns": ",".join(s["class_noun"] for s in evaluation["subjects"]),
         KFP_RUN_TAG: context.kfp_run_id,

@@ -7,27 +7,30 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from proxytune.contracts import AdapterCard
 from proxytune.fsutil import atomic_write_text
 from proxytune.images import data_uri, image_grid
+from proxytune.metrics import gains
 from proxytune.prompts import fill
 
 THUMB = 160
 METRIC_LABELS = (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO"))
-COLUMN_TITLES = {
-    "student": "student",
-    "supervisor": "supervisor",
-    "gain": "student − supervisor",
-    "relative_gain": "relative gain",
+METHOD_TITLES = {
+    "student": "student (proxy-tuned)",
+    "supervisor": "supervisor (diffusion teacher)",
+    "direct": "direct (tuned on the photos)",
+    "base": "base (untuned)",
 }
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5rem 0}
 td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
 th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e8f5e9}
+.paper td{font-style:italic;color:#666}.verdict{font-size:1.1rem}
 .row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}.cap{font-size:.85rem;color:#555}
 img{image-rendering:auto;border:1px solid #ddd}
 """
@@ -53,7 +56,8 @@ def write_report(
         f"<p>Student <b>{_e(student['backend'])}</b> (sampling: {_e(sampling)}) tuned on proxy images "
         f"from {_e(', '.join(sorted({_supervisor(c['supervisor']) for c in cards})))}.</p>",
         "<h2>Subject fidelity</h2>",
-        _metrics_table(evaluation["metrics"]),
+        f"<p class=verdict id=verdict>{_e(verdict(evaluation['metrics']))}</p>",
+        _metrics_table(evaluation["metrics"], evaluation.get("reported", ()), "comparison"),
         f"<p class=cap>{_e(evaluation['protocol'])}. Encoders: CLIP {_encoder(encoders['clip'])}, "
         f"DINO {_encoder(encoders['dino'])}."
         + (" Means over the subjects below." if len(results) > 1 else "")
@@ -144,56 +148,88 @@ def _supervisor(card: AdapterCard) -> str:
     return f"a black box (images imported from {card.base_model.id})" if card.imported else card.backend
 
 
-def comparison(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, str | float]]:
-    """One row per metric: the student, and when a supervisor was sampled (not a black box)
-    the supervisor and the student's gain over it, absolute and relative."""
-    rows: list[dict[str, str | float]] = []
-    for key, label in METRIC_LABELS:
-        row: dict[str, str | float] = {"metric": label, "student": metrics["student"][key]}
-        if "supervisor" in metrics:
-            supervisor = metrics["supervisor"][key]
-            gain = metrics["student"][key] - supervisor
-            row.update(supervisor=supervisor, gain=gain, relative_gain=gain / abs(supervisor))
-        rows.append(row)
-    return rows
-
-
-def _columns(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
-    return [(key, title) for key, title in COLUMN_TITLES.items() if key in rows[0]]
-
-
-def _cell(key: str, value: float) -> str:
-    return f"{value:+.2%}" if key == "relative_gain" else f"{value:+.4f}" if key == "gain" else f"{value:.4f}"
-
-
-def markdown_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """The comparison as a Markdown table (the KFP Markdown artifact, and MLflow)."""
-    rows = comparison(metrics)
-    columns = _columns(rows)
-    lines = [
-        "| metric | " + " | ".join(title for _, title in columns) + " |",
-        "|---|" + "---:|" * len(columns),
-        *(f"| {r['metric']} | " + " | ".join(_cell(k, r[k]) for k, _ in columns) + " |" for r in rows),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """The comparison, the better of student and supervisor marked."""
-    rows = comparison(metrics)
-    columns = _columns(rows)
-    body = []
-    for row in rows:
-        best = {}
-        if "supervisor" in row:
-            best = {"student": row["student"] >= row["supervisor"]}
-            best["supervisor"] = not best["student"]
-        cells = "".join(
-            f"<td class='{'best' if best.get(k) else ''}'>{_cell(k, row[k])}</td>" for k, _ in columns
+def verdict(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """The run's answer in one sentence: on how many scores the student beat each other method,
+    and by how much on DINO (the subject-fidelity score the paper leads with)."""
+    parts = []
+    for method, scores in _ordered(gains(metrics)):
+        won = [label for key, label in METRIC_LABELS if scores[key]["gain"] > 0]
+        dino = scores["dino"]
+        parts.append(
+            f"beat the {method} on {len(won)} of {len(METRIC_LABELS)} scores ({', '.join(won) or 'none'}; "
+            f"DINO {dino['gain']:+.4f}, {dino['relative_gain']:+.1%})"
         )
-        body.append(f"<tr><td>{row['metric']}</td>{cells}</tr>")
-    head = "<tr><th>metric</th>" + "".join(f"<th>{_e(t)}</th>" for _, t in columns) + "</tr>"
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"The student {'; '.join(parts)}." if parts else "Only the student was scored."
+
+
+def markdown_table(metrics: Mapping[str, Mapping[str, float]], reported: Sequence[Mapping] = ()) -> str:
+    """The comparison in the paper's shape (the KFP Markdown artifact, and MLflow): method x
+    (CLIP-I, CLIP-T, DINO), the paper's numbers where they apply, then the student's gain over
+    each other method, absolute and relative, and the verdict."""
+    head = "| {} | " + " | ".join(label for _, label in METRIC_LABELS) + " |"
+    rule = "|---|" + "---:|" * len(METRIC_LABELS)
+    lines = [head.format("method"), rule]
+    lines += [
+        f"| {METHOD_TITLES[m]} | {' | '.join(_score(s[k]) for k, _ in METRIC_LABELS)} |"
+        for m, s in _ordered(metrics)
+    ]
+    lines += [
+        f"| paper: {r['label']} ({r['source']}) | {' | '.join(_score(r[k]) for k, _ in METRIC_LABELS)} |"
+        for r in reported
+    ]
+    versus = gains(metrics)
+    if versus:
+        lines += ["", head.format("student vs"), rule]
+        lines += [
+            f"| {m} | {' | '.join(_gain(g[k]) for k, _ in METRIC_LABELS)} |" for m, g in _ordered(versus)
+        ]
+    return "\n".join([*lines, "", verdict(metrics)]) + "\n"
+
+
+def _metrics_table(
+    metrics: Mapping[str, Mapping[str, float]], reported: Sequence[Mapping] = (), table_id: str = ""
+) -> str:
+    """The comparison as HTML: the best method per score marked, the paper's rows in italics,
+    then the gains table (ids `table_id` and `table_id-gains` for the run's own tables)."""
+    best = {k: max(s[k] for s in metrics.values()) for k, _ in METRIC_LABELS}
+    head = "".join(f"<th>{label}</th>" for _, label in METRIC_LABELS)
+    rows = [
+        f"<tr><td>{_e(METHOD_TITLES[m])}</td>"
+        + "".join(
+            f"<td class='{'best' if s[k] == best[k] else ''}'>{_score(s[k])}</td>" for k, _ in METRIC_LABELS
+        )
+        + "</tr>"
+        for m, s in _ordered(metrics)
+    ]
+    rows += [
+        f"<tr class=paper><td>paper: {_e(r['label'])} ({_e(r['source'])})</td>"
+        + "".join(f"<td>{_score(r[k])}</td>" for k, _ in METRIC_LABELS)
+        + "</tr>"
+        for r in reported
+    ]
+    ids = (f" id={table_id}", f" id={table_id}-gains") if table_id else ("", "")
+    tables = [f"<table{ids[0]} class=comparison><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"]
+    versus = gains(metrics)
+    if versus:
+        gain_rows = "".join(
+            f"<tr><td>{_e(m)}</td>" + "".join(f"<td>{_gain(g[k])}</td>" for k, _ in METRIC_LABELS) + "</tr>"
+            for m, g in _ordered(versus)
+        )
+        tables.append(f"<table{ids[1]} class=gains><tr><th>student vs</th>{head}</tr>{gain_rows}</table>")
+    return "\n".join(tables)
+
+
+def _ordered(by_method: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Methods in the one order every table and plot uses (student first)."""
+    return [(m, by_method[m]) for m in METHOD_TITLES if m in by_method]
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _gain(gain: Mapping[str, float]) -> str:
+    return f"{gain['gain']:+.4f} ({gain['relative_gain']:+.2%})"
 
 
 def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[str, AdapterCard]]) -> str:
@@ -225,12 +261,69 @@ def _plots(metrics: Mapping[str, Mapping[str, float]], cards: Sequence[Mapping[s
     axes[1].set_title(f"student training loss ({student.backend})")
     for axis in axes[:2]:
         axis.set_xlabel("step")
-    keys = ("clip_i", "clip_t", "dino")
-    for offset, model in zip((-0.2, 0.2), metrics, strict=False):
-        axes[2].bar([i + offset for i in range(3)], [metrics[model][k] for k in keys], width=0.4, label=model)
-    axes[2].set_xticks(range(3), ["CLIP-I", "CLIP-T", "DINO"])
+    width = 0.8 / len(metrics)
+    for n, (method, scores) in enumerate(_ordered(metrics)):
+        offset = (n - (len(metrics) - 1) / 2) * width
+        values = [scores[k] for k, _ in METRIC_LABELS]
+        axes[2].bar([i + offset for i in range(len(values))], values, width=width, label=method)
+    axes[2].set_xticks(range(len(METRIC_LABELS)), [label for _, label in METRIC_LABELS])
     axes[2].legend()
     axes[2].set_title("subject fidelity")
+    return _figure_uri(figure)
+
+
+def bench_page(table: Mapping) -> str:
+    """The DreamBench-wide report: the verdict on the means, the comparison table with the
+    paper's numbers, one row per subject and method, and per-subject bars of every score."""
+    rows = table["subjects"]
+    head = "".join(f"<th>{label}</th>" for _, label in METRIC_LABELS)
+    body = "".join(
+        f"<tr><td>{_e(r['subject'])}</td><td>{_e(r['class_noun'])}</td><td>{_e(m)}</td>"
+        + "".join(f"<td>{_score(s[k])}</td>" for k, _ in METRIC_LABELS)
+        + "</tr>"
+        for r in rows
+        for m, s in _ordered(r["metrics"])
+    )
+    counts = ", ".join(f"{m} on {n}" for m, n in _ordered(table["counts"]))
+    parts = [
+        f"<h1>DreamBench: {len(rows)} subject(s)</h1>",
+        f"<p class=verdict id=verdict>{_e(verdict(table['means']))}</p>",
+        _metrics_table(table["means"], table["reported"], "comparison"),
+        f"<p class=cap>Means over subjects ({_e(counts)}). {_e(table['protocol'])}. Encoders: CLIP "
+        f"{_encoder(table['encoders']['clip'])}, DINO {_encoder(table['encoders']['dino'])}.</p>",
+        f"<img alt='scores per subject and method' src='{_subject_bars(rows)}'>",
+        "<h2>Per subject</h2>",
+        f"<table id=subjects><tr><th>subject</th><th>class</th><th>method</th>{head}</tr>{body}</table>",
+    ]
+    page = "<!doctype html><html><head><meta charset=utf-8><title>proxytune: DreamBench</title>"
+    return f"{page}<style>{STYLE}</style></head><body>{chr(10).join(parts)}</body></html>\n"
+
+
+def _subject_bars(rows: Sequence[Mapping]) -> str:
+    """One panel per score: bars per subject, one per method, as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHOD_TITLES if any(m in r["metrics"] for r in rows)]
+    figure, axes = plt.subplots(1, len(METRIC_LABELS), figsize=(13, 3.4), dpi=90)
+    width = 0.8 / len(methods)
+    for axis, (key, label) in zip(axes, METRIC_LABELS, strict=True):
+        for n, method in enumerate(methods):
+            offset = (n - (len(methods) - 1) / 2) * width
+            scored = [(i, r["metrics"][method][key]) for i, r in enumerate(rows) if method in r["metrics"]]
+            axis.bar([i + offset for i, _ in scored], [v for _, v in scored], width=width, label=method)
+        axis.set_xticks(range(len(rows)), [r["subject"] for r in rows], rotation=45, ha="right")
+        axis.set_title(label)
+    axes[0].legend(fontsize="small")
+    return _figure_uri(figure)
+
+
+def _figure_uri(figure) -> str:
+    """A matplotlib figure as a PNG data URI (closed after)."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

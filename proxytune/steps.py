@@ -34,6 +34,11 @@ def configure_logging() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _names(subject_dirs: list[str]) -> str:
+    """The subjects of a step that takes several, for its MLflow run's name and tag."""
+    return ",".join(Subject.read(Path(d) / SUBJECT_FILE).name for d in subject_dirs)
+
+
 def plan_step(
     subjects: list[dict[str, str]], preset: str, overrides: dict[str, Any], tracking: TrackingContext
 ) -> list[dict[str, str]]:
@@ -53,6 +58,23 @@ def plan_step(
         tracker.log_params({"run": params.model_dump()})
         tracker.log_params({"subjects": json.dumps(subjects)})
     return subjects
+
+
+def plan_bench_step(
+    dataset_uri: str, subjects: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+) -> list[list[dict[str, str]]]:
+    """Validate a DreamBench-wide run (parameters, the dataset's subject list and folders);
+    returns one single-subject group per subject, each its own student."""
+    from proxytune.bench import bench_subjects
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    planned = bench_subjects(dataset_uri, [n.strip() for n in subjects.split(",") if n.strip()])
+    with stage_run(tracking, "plan") as tracker:
+        tracker.log_params({"preset": preset, "overrides": json.dumps(overrides, sort_keys=True)})
+        tracker.log_params({"run": params.model_dump(), "dataset_uri": dataset_uri})
+        tracker.log_params({"subjects": ",".join(s["name"] for s in planned)})
+    return [[subject] for subject in planned]
 
 
 def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext) -> dict[str, Any]:
@@ -161,15 +183,39 @@ def tune_student_step(
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
-    with stage_run(tracking, "tune_student") as tracker:
+    from proxytune.proxy import load_proxy
+
+    names = ",".join(load_proxy(d)[0].subject for d in proxy_dirs)
+    with stage_run(tracking, "tune_student", subject=names) as tracker:
         card = tune_student(proxy_dirs, out_dir, params.student, store_from_env(), tracker)
         return {"backend": card.backend, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
+
+
+def tune_direct_step(
+    subject_dirs: list[str], out_dir: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
+) -> dict[str, Any]:
+    """The direct-tuning baseline when `evaluation.methods` lists `direct`; otherwise a note in
+    `out_dir` that none was asked for (KFP cannot feed the collected subjects into a
+    conditional branch, so the task always runs and returns at once when not needed)."""
+    from proxytune.baseline import NOT_TRAINED, tune_direct
+    from proxytune.storage import store_from_env
+
+    configure_logging()
+    params = RunParams.resolve(preset, overrides)
+    if "direct" not in params.evaluation.methods:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / NOT_TRAINED).write_text("evaluation.methods does not list direct\n")
+        return {"trained": False}
+    with stage_run(tracking, "tune_direct", subject=_names(subject_dirs)) as tracker:
+        card = tune_direct(subject_dirs, out_dir, params.student, store_from_env(), tracker)
+        return {"trained": True, "steps": card.steps_done, "mlflow_run_id": tracker.run_id or ""}
 
 
 def evaluate_step(
     subject_dirs: list[str],
     supervisor_dirs: list[str],
     student_dir: str,
+    direct_dir: str,
     samples_dir: str,
     report_path: str,
     table_path: str,
@@ -178,19 +224,30 @@ def evaluate_step(
     tracking: TrackingContext,
 ) -> dict[str, float]:
     """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact) and the
-    metrics table to `table_path` (the KFP Markdown artifact).
-    Returns flat metrics (`student_dino`, ...) for the KFP Metrics artifact."""
+    metrics table to `table_path` (the KFP Markdown artifact). `direct_dir`: `tune_direct_step`'s
+    output. Returns flat metrics per method (`student_dino`, `direct_clip_i`, ...) and the
+    student's gains (`gain_vs_supervisor_dino`, ...) for the KFP Metrics artifact."""
     from proxytune.evaluate import COMPARISON_FILE, evaluate
+    from proxytune.metrics import flat_gains
 
     configure_logging()
     params = RunParams.resolve(preset, overrides)
-    with stage_run(tracking, "evaluate") as tracker:
+    with stage_run(tracking, "evaluate", subject=_names(subject_dirs)) as tracker:
         evaluation = evaluate(
-            subject_dirs, supervisor_dirs, student_dir, samples_dir, params.evaluation, tracker
+            subject_dirs,
+            supervisor_dirs,
+            student_dir,
+            samples_dir,
+            params.evaluation,
+            tracker,
+            direct_dir=direct_dir if "direct" in params.evaluation.methods else None,
         )
     shutil.copyfile(Path(samples_dir) / "report.html", report_path)
     shutil.copyfile(Path(samples_dir) / COMPARISON_FILE, table_path)
-    return {f"{model}_{k}": v for model, scores in evaluation["metrics"].items() for k, v in scores.items()}
+    scores = {
+        f"{method}_{k}": v for method, values in evaluation["metrics"].items() for k, v in values.items()
+    }
+    return scores | flat_gains(evaluation["gains"])
 
 
 def register_step(
@@ -219,3 +276,26 @@ def register_step(
             policy,
         )
         return registration.model_dump_json()
+
+
+def aggregate_step(
+    evaluation_dirs: list[str], out_dir: str, report_path: str, table_path: str, tracking: TrackingContext
+) -> dict[str, float]:
+    """The DreamBench-wide table (`proxytune.bench.aggregate`), its report copied to
+    `report_path` (KFP HTML) and its Markdown to `table_path`; returns the means per method
+    and gains as flat metrics (`student_dino`, `gain_vs_direct_dino`, ...)."""
+    from proxytune.bench import REPORT_FILE, TABLE_FILE, aggregate
+    from proxytune.metrics import flat_gains
+
+    configure_logging()
+    with stage_run(tracking, "aggregate", closes_pipeline=True) as tracker:
+        table = aggregate(evaluation_dirs, out_dir)
+        scores = {f"{m}_{k}": v for m, values in table["means"].items() for k, v in values.items()}
+        scores |= flat_gains(table["gains"])
+        tracker.log_metrics(scores)
+        tracker.log_metric("subjects", len(table["subjects"]))
+        for name in (REPORT_FILE, TABLE_FILE, "bench.json"):
+            tracker.log_artifact(Path(out_dir) / name)
+    shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
+    shutil.copyfile(Path(out_dir) / TABLE_FILE, table_path)
+    return scores

@@ -81,8 +81,9 @@ def token_cache(
 
 
 def holdout_split(count: int, fraction: float, where: str) -> tuple[range, range]:
-    """Train and held-out indices of a dataset: the last ceil(fraction * count) are held out."""
-    held = max(1, math.ceil(fraction * count))
+    """Train and held-out indices of a dataset: the last ceil(fraction * count), at least one,
+    are held out; none with fraction 0 (the direct baseline, which has only a few photos)."""
+    held = max(1, math.ceil(fraction * count)) if fraction else 0
     if count - held < 1:
         raise ValueError(f"{where}: {count} proxy image(s) leave none to train on after holding out {held}")
     return range(count - held), range(count - held, count)
@@ -106,8 +107,10 @@ def tune_student(
     store: ObjectStore | None = None,
     tracker: Tracker | None = None,
     device: torch.device | None = None,
+    training_data: str = "proxy",
 ) -> AdapterCard:
-    """LoRA-tune the student on one or more proxy Datasets; adapter to `out_dir`."""
+    """LoRA-tune the student on one or more proxy Datasets; adapter to `out_dir`.
+    `training_data` names what the datasets hold in the card (`photos` for the direct baseline)."""
     from peft import LoraConfig, get_peft_model
 
     tracker = tracker or Tracker()
@@ -136,6 +139,7 @@ def tune_student(
     recorded = {
         **params.model_dump(),
         "alpha": alpha,
+        "training_data": training_data,
         "proxy_keys": [info.key for info, _ in datasets],
         "train_images": len(train),
         "heldout_images": len(held),
@@ -173,6 +177,7 @@ def tune_student(
         return {
             name: sum(loss.item() * share for loss, share in micro_batches(index, [False] * len(index)))
             for name, index in (("train", train[:EVAL_SAMPLES]), ("heldout", held[:EVAL_SAMPLES]))
+            if index
         }
 
     spec = AdapterSpec(
@@ -203,13 +208,22 @@ def load_student(
     from peft import PeftModel
 
     card = read_adapter_card(adapter_dir, "student")
-    backend: ARStudent = STUDENTS.create(card.backend)
-    recorded = card.base_model
-    source = ModelSource(base or recorded.id, None if base else recorded.revision, recorded.vq)
-    backend.load(device or default_device(), source)
+    backend = load_base_student(card, device, base)
     try:
         tuned = PeftModel.from_pretrained(backend.model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"{adapter_dir}: the adapter does not fit {card.backend}: {error}") from None
     backend.model = tuned.base_model.model.eval()
     return backend, card
+
+
+def load_base_student(
+    card: AdapterCard, device: torch.device | None = None, base: str | None = None
+) -> ARStudent:
+    """The untuned AR model an adapter was trained on (the evaluation's `base` method), from the
+    card's recorded source and revision, or from `base` (staged weights) instead."""
+    backend: ARStudent = STUDENTS.create(card.backend)
+    recorded = card.base_model
+    source = ModelSource(base or recorded.id, None if base else recorded.revision, recorded.vq)
+    backend.load(device or default_device(), source)
+    return backend

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pipelines.cluster import ClusterOptions
-from pipelines.proxy_tuning import PIPELINE_NAME, compile_pipeline
+from pipelines.proxy_tuning import BENCH_NAME, PIPELINE_NAME, compile_pipeline
 
 if TYPE_CHECKING:
     import kfp
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
+DESCRIPTIONS = {PIPELINE_NAME: "Proxy-Tuning", BENCH_NAME: "Proxy-Tuning over DreamBench"}
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,15 @@ def upload(
     name: str = PIPELINE_NAME,
     version: str | None = None,
     namespace: str | None = None,
+    pipeline: str = PIPELINE_NAME,
 ) -> Upload:
-    """Compile and upload; raises ValueError with the reason when Kubeflow refuses or is
-    unreachable."""
+    """Compile `pipeline` (proxy-tuning or dreambench) and upload it as `name`; raises
+    ValueError with the reason when Kubeflow refuses or is unreachable."""
     check_host(host)
     version = version or _version_name(cluster.image)
     with tempfile.TemporaryDirectory(prefix="proxytune-upload-") as tmp:
-        package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), cluster)
-        description = f"Proxy-Tuning, image {cluster.image}"
+        package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), cluster, pipeline)
+        description = f"{DESCRIPTIONS[pipeline]}, image {cluster.image}"
         with kubeflow(host, "the upload") as client:
             pipeline_id = client.get_pipeline_id(name)
             if pipeline_id is None:

@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike
 
 BINS = 20
 WIDTH, ROW_HEIGHT, DPI = 10.0, 3.2, 90  # inches, inches, dots per inch: 900 x 288 px per subject
-COLOURS = {"supervisor": "tab:red", "student": "tab:blue"}
+COLOURS = {"supervisor": "tab:red", "student": "tab:blue", "direct": "tab:green", "base": "tab:gray"}
 
 
 def total_variance(features: ArrayLike) -> float:

@@ -19,8 +19,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from browser import chromium, open_page  # noqa: F401 (headless Chromium fixtures)
 
-from proxytune.config import RunParams
+from proxytune.config import EVAL_METHODS, RunParams
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "subjects" / "dog"
@@ -176,10 +177,26 @@ def sqlite_tracking(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture(scope="session")
-def evaluation_dir(session_dir, subject_dir, supervisor_dir, student_dir, params) -> Path:
+def direct_dir(session_dir, subject_dir, params) -> Path:
+    from proxytune.baseline import tune_direct
+
+    tune_direct([subject_dir], session_dir / "direct", params.student, device=CPU)
+    return session_dir / "direct"
+
+
+@pytest.fixture(scope="session")
+def evaluation_dir(session_dir, subject_dir, supervisor_dir, student_dir, direct_dir) -> Path:
+    """An evaluation of every method: student, supervisor, direct baseline, untuned base."""
     from proxytune.evaluate import evaluate
 
+    methods = RunParams.resolve("tiny", {"evaluation.methods": list(EVAL_METHODS)}).evaluation
     evaluate(
-        subject_dir, supervisor_dir, student_dir, session_dir / "evaluation", params.evaluation, device=CPU
+        subject_dir,
+        supervisor_dir,
+        student_dir,
+        session_dir / "evaluation",
+        methods,
+        device=CPU,
+        direct_dir=direct_dir,
     )
     return session_dir / "evaluation"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops
 
-from proxytune.config import RunParams
+from proxytune.config import EVAL_METHODS, RunParams
 from proxytune.evaluate import evaluate, read_evaluation
 from proxytune.ingest import load_subject
 from proxytune.metrics import PROTOCOL
@@ -35,13 +35,13 @@ class Images(HTMLParser):
         self.links += [attrs[a] for a in ("src", "href") if a in attrs]
 
 
-def test_evaluation_scores_both_models_on_the_live_prompts(evaluation_dir, params):
+def test_evaluation_scores_every_method_on_the_live_prompts(evaluation_dir, params):
     evaluation = read_evaluation(evaluation_dir)
     k, n = params.evaluation.images_per_prompt, params.evaluation.num_prompts
     (dog,) = evaluation["subjects"]
     assert (dog["subject"], dog["identifier"], dog["class_noun"]) == ("dog", "sks", "dog")
     assert evaluation["metrics"] == dog["metrics"]  # one subject: its scores are the run's
-    assert set(dog["metrics"]) == {"student", "supervisor"}
+    assert set(dog["metrics"]) == {"student", "direct", "base", "supervisor"}
     for scores in dog["metrics"].values():
         assert set(scores) == {"clip_i", "clip_t", "dino"}
     assert [p["prompt"] for p in dog["per_prompt"]["student"]] == [
@@ -55,7 +55,7 @@ def test_evaluation_scores_both_models_on_the_live_prompts(evaluation_dir, param
         "top_p": 1.0,
     }
     samples = dog["samples"]
-    assert len(samples) == 2 * n * k
+    assert len(samples) == 4 * n * k
     assert samples[0] == {
         "model": "student",
         "index": 0,
@@ -81,8 +81,8 @@ def test_report_is_self_contained_with_pictures_and_numbers(evaluation_dir, para
     evaluation = json.loads((evaluation_dir / "evaluation.json").read_text())
     parser = Images()
     parser.feed(page)
-    # plots, feature variance, reference photos, then one student and one supervisor grid per prompt
-    assert len(parser.sources) == 3 + 2 * params.evaluation.num_prompts
+    # plots, feature variance, reference photos, then one grid per method and prompt
+    assert len(parser.sources) == 3 + 4 * params.evaluation.num_prompts
     assert all(src.startswith("data:image/png;base64,") for src in parser.sources)
     assert f"{evaluation['metrics']['student']['dino']:.4f}" in page
     assert PROTOCOL in page
@@ -114,7 +114,7 @@ def test_variance_samples_reproduce_from_the_recorded_seeds_and_prompts(
     variance = evaluation["variance"]
     assert (variance["samples"], variance["first_seed"], variance["features"]) == (n, 1_000_000, "tiny-dino")
     (dog,) = evaluation["subjects"]
-    assert set(dog["variance"]) == {"student", "supervisor"}
+    assert set(dog["variance"]) == set(EVAL_METHODS)
     assert variance["means"] == dog["variance"]  # one subject: its values are the run's
 
     backend, _ = load_student(student_dir, CPU)
@@ -222,35 +222,194 @@ def test_variance_samples_zero_turns_the_analysis_off(subject_dir, supervisor_di
     assert not [k for k in tracker.metrics if "variance" in k or "distance" in k]
 
 
-def test_a_missing_encoder_folder_fails_before_any_sampling(subject_dir, supervisor_dir, tmp_path):
+def test_a_missing_encoder_folder_fails_before_any_sampling(
+    subject_dir, supervisor_dir, student_dir, tmp_path, monkeypatch
+):
+    import proxytune.evaluate
+
     missing = tmp_path / "missing"
     settings = RunParams.resolve("tiny", {"evaluation.dino_source": str(missing)}).evaluation
-    # the student folder does not exist either: sampling first would fail on it instead
+    monkeypatch.setattr(proxytune.evaluate, "draw", lambda *a: pytest.fail("sampled before loading encoders"))
     with pytest.raises(FileNotFoundError, match=re.escape(f"tiny-dino: no folder '{missing}'")):
-        evaluate(subject_dir, supervisor_dir, tmp_path / "no-student", tmp_path / "out", settings, device=CPU)
+        evaluate(subject_dir, supervisor_dir, student_dir, tmp_path / "out", settings, device=CPU)
     assert not (tmp_path / "out").exists()
 
 
-def test_the_comparison_table_gives_the_students_gain_over_its_supervisor(evaluation_dir):
-    from proxytune.report import markdown_table
-
-    metrics = read_evaluation(evaluation_dir)["metrics"]
-    lines = (evaluation_dir / "comparison.md").read_text().splitlines()
-    assert lines[0] == "| metric | student | supervisor | student − supervisor | relative gain |"
-    rows = {
+def _table(lines: list[str]) -> dict[str, list[str]]:
+    return {
         cells[0]: cells[1:]
         for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
     }
-    for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")):
-        student, supervisor = metrics["student"][key], metrics["supervisor"][key]
-        relative = (student - supervisor) / abs(supervisor)
-        assert rows[label] == [
-            f"{student:.4f}",
-            f"{supervisor:.4f}",
-            f"{student - supervisor:+.4f}",
-            f"{relative:+.2%}",
-        ]
+
+
+def test_the_comparison_gives_every_method_and_the_students_gains_over_each(evaluation_dir):
+    evaluation = read_evaluation(evaluation_dir)
+    metrics, keys = evaluation["metrics"], ("clip_i", "clip_t", "dino")
+    scores, gains, verdict = (evaluation_dir / "comparison.md").read_text().split("\n\n")
+    lines = scores.splitlines()
+    assert lines[0] == "| method | CLIP-I | CLIP-T | DINO |"
+    assert _table(lines) == {
+        title: [f"{metrics[method][k]:.4f}" for k in keys]
+        for method, title in (
+            ("student", "student (proxy-tuned)"),
+            ("direct", "direct (tuned on the photos)"),
+            ("base", "base (untuned)"),
+            ("supervisor", "supervisor (diffusion teacher)"),
+        )
+    }
+    assert gains.splitlines()[0] == "| student vs | CLIP-I | CLIP-T | DINO |"
+    expected = {}
+    for other in ("direct", "base", "supervisor"):
+        cells = []
+        for k in keys:
+            gain = metrics["student"][k] - metrics[other][k]
+            cells.append(f"{gain:+.4f} ({gain / abs(metrics[other][k]):+.2%})")
+            assert evaluation["gains"][other][k]["gain"] == pytest.approx(gain, abs=1e-12)
+        expected[other] = cells
+    assert _table(gains.splitlines()) == expected
+    won = sum(metrics["student"][k] > metrics["supervisor"][k] for k in keys)
+    assert f"beat the supervisor on {won} of 3 scores" in verdict
     report = (evaluation_dir / "report.html").read_text()
-    assert "<th>relative gain</th>" in report
-    alone = markdown_table({"student": metrics["student"]})  # a black-box supervisor: the student only
-    assert alone.splitlines()[0] == "| metric | student |" and len(alone.splitlines()) == 5
+    assert "id=comparison " in report and "id=comparison-gains " in report and "id=verdict" in report
+    # tiny encoders: the paper's numbers do not apply
+    assert evaluation["reported"] == [] and "paper:" not in report
+
+
+def test_a_black_box_supervisor_leaves_the_student_alone_in_the_table():
+    from proxytune.report import markdown_table
+
+    alone = markdown_table({"student": {"clip_i": 0.5, "clip_t": 0.25, "dino": 0.4}})
+    assert alone == (
+        "| method | CLIP-I | CLIP-T | DINO |\n|---|---:|---:|---:|\n"
+        "| student (proxy-tuned) | 0.5000 | 0.2500 | 0.4000 |\n\nOnly the student was scored.\n"
+    )
+
+
+def test_the_direct_baseline_is_the_students_lora_trained_on_every_photo(
+    direct_dir, student_dir, subject_dir
+):
+    from proxytune.contracts import read_adapter_card
+
+    direct, student = read_adapter_card(direct_dir, "student"), read_adapter_card(student_dir, "student")
+    photos = len(load_subject(subject_dir)[1])
+    assert direct.params["training_data"] == "photos" and student.params["training_data"] == "proxy"
+    assert (direct.params["train_images"], direct.params["heldout_images"]) == (photos, 0)
+    assert list(direct.loss_before) == ["train"] and direct.loss_after["train"] < direct.loss_before["train"]
+    same = ("backend", "steps", "rank", "alpha", "learning_rate", "batch_size", "seed", "null_prompt_prob")
+    assert {k: direct.params[k] for k in same} == {k: student.params[k] for k in same}
+    assert direct.base_model == student.base_model and direct.subjects == student.subjects
+    assert direct.adapter_sha256 != student.adapter_sha256
+
+
+def test_the_base_method_samples_the_untuned_model_with_the_same_seeds(evaluation_dir, student_dir, params):
+    from proxytune.contracts import read_adapter_card
+    from proxytune.student import load_base_student
+
+    evaluation = read_evaluation(evaluation_dir)
+    (dog,) = evaluation["subjects"]
+    drawn = {m: [s for s in dog["samples"] if s["model"] == m] for m in ("student", "base")}
+    prompts = [s["prompt"] for s in drawn["base"]]
+    assert prompts == [s["prompt"] for s in drawn["student"]]  # every method draws the same prompts
+    backend = load_base_student(read_adapter_card(student_dir, "student"), CPU)
+    sampling = backend.sampling.override(**params.evaluation.student_sampling)
+    seeds = [params.evaluation.seed + i for i in range(len(prompts))]
+    again = backend.generate(prompts, seeds, sampling, params.evaluation.batch_size)
+    changed = []
+    for base, student, image in zip(drawn["base"], drawn["student"], again, strict=True):
+        with Image.open(evaluation_dir / base["file"]) as saved:
+            assert not ImageChops.difference(saved.convert("RGB"), image).getbbox()
+        with Image.open(evaluation_dir / student["file"]) as tuned:
+            changed.append(ImageChops.difference(tuned.convert("RGB"), image).getbbox() is not None)
+    assert any(changed)  # the adapter changes what the same seeds draw
+    assert evaluation["methods"]["base"] == {"backend": "tiny-janus", "base_model": "random:tiny-janus"}
+
+
+def test_reference_photos_are_saved_beside_the_samples(evaluation_dir, subject_dir):
+    (dog,) = read_evaluation(evaluation_dir)["subjects"]
+    photos = load_subject(subject_dir)[1]
+    assert len(dog["references"]) == len(photos)
+    for file, photo in zip(dog["references"], photos, strict=True):
+        with Image.open(evaluation_dir / file) as saved:
+            assert not ImageChops.difference(saved.convert("RGB"), photo.convert("RGB")).getbbox()
+
+
+def test_direct_in_the_methods_needs_a_matching_baseline_before_any_sampling(
+    subject_dir, supervisor_dir, student_dir, tmp_path
+):
+    settings = RunParams.resolve("tiny", {"evaluation.methods": ["student", "direct"]}).evaluation
+    with pytest.raises(ValueError, match="lists direct, but no direct-tuned adapter was given"):
+        evaluate(subject_dir, supervisor_dir, student_dir, tmp_path / "out", settings, device=CPU)
+    with pytest.raises(ValueError, match="expected a student adapter"):
+        evaluate(
+            subject_dir,
+            supervisor_dir,
+            student_dir,
+            tmp_path / "out",
+            settings,
+            device=CPU,
+            direct_dir=supervisor_dir,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        (["supervisor"], "must include student"),
+        (["student", "dreambooth"], "unknown method"),
+        (["student", "base", "base"], "lists one twice"),
+    ],
+)
+def test_bad_method_lists_are_refused(methods, message):
+    with pytest.raises(ValueError, match=message):
+        RunParams.resolve("tiny", {"evaluation.methods": methods})
+
+
+def test_the_papers_numbers_apply_only_to_the_same_encoders_and_models():
+    from proxytune.paper import reported_rows
+    from proxytune.report import markdown_table
+
+    published = {"clip": "clip-vit-b32", "dino": "dino-vits16"}
+    rows = reported_rows(["student", "supervisor", "direct"], "lumina-mgpt-7b-768", {"sdxl"}, published)
+    assert [(r["label"], r["dino"]) for r in rows] == [
+        ("Real images", 0.774),
+        ("DreamBooth, SD (full fine-tuning)", 0.668),
+        ("Lumina-mGPT tuned directly, LoRA", 0.5088),
+        ("SDXL supervisor (DreamBooth-LoRA)", 0.7272),
+        ("Lumina-mGPT + Proxy-Tuning (SDXL)", 0.7834),
+    ]
+    sd35 = reported_rows(["student"], "lumina-mgpt-7b-768", {"sd3.5-large"}, published)
+    assert [r["clip_i"] for r in sd35 if r["method"]] == [0.8091]
+    janus = reported_rows(["student", "supervisor"], "janus-pro-1b", {"flux-dev"}, published)
+    assert [r["method"] for r in janus] == [None, None]  # context rows only
+    assert (
+        reported_rows(["student"], "lumina-mgpt-7b-768", {"sdxl"}, {**published, "clip": "tiny-clip"}) == []
+    )
+    table = markdown_table({"student": {"clip_i": 0.8, "clip_t": 0.3, "dino": 0.7}}, rows)
+    assert "| paper: Real images (DreamBooth paper via CoAR) | 0.8850 | – | 0.7740 |" in table
+
+
+def test_the_report_opens_in_a_browser_with_its_table_and_every_picture(evaluation_dir, open_page, tmp_path):
+    from browser import screenshot
+
+    opened = open_page(evaluation_dir / "report.html")
+    page = opened.page
+    rows = page.eval_on_selector_all("#comparison tr", "rows => rows.map(r => r.cells[0].textContent)")
+    assert rows == [
+        "method",
+        "student (proxy-tuned)",
+        "supervisor (diffusion teacher)",
+        "direct (tuned on the photos)",
+        "base (untuned)",
+    ]
+    versus = page.eval_on_selector_all(
+        "#comparison-gains tr td:first-child", "cells => cells.map(c => c.textContent)"
+    )
+    assert versus == ["supervisor", "direct", "base"]
+    assert page.inner_text("#verdict").startswith("The student beat the supervisor on")
+    widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth)")
+    assert len(widths) == 3 + 4 * 2 and all(widths)  # plots, spread, photos; methods x prompts grids
+    opened.assert_no_errors()
+    shot = screenshot(page, tmp_path, "report")
+    with Image.open(shot) as image:
+        assert image.size[0] == 1280 and image.size[1] > 900 and image.getextrema() != ((255, 255),) * 3

@@ -16,10 +16,11 @@ STAGES = [
     "generate-proxy",
     "merge-proxy",
     "tune-student",
+    "tune-direct",
     "evaluate",
     "register",
 ]
-GPU_STAGES = {"tune-supervisor", "generate-proxy", "tune-student", "evaluate"}
+GPU_STAGES = {"tune-supervisor", "generate-proxy", "tune-student", "tune-direct", "evaluate"}
 SECRET_VALUE = "do-not-leak-this-secret-8f3a"
 IMAGE = "registry.example/proxytune:abc1234"
 CHOICES = [
@@ -49,12 +50,14 @@ def dag(spec, component: str) -> dict:
 
 
 def scopes(spec) -> dict[str, dict]:
-    """The root DAG, the per-subject sub-pipeline's DAG and its proxy-shard loop's DAG."""
+    """The root DAG, the protocol sub-pipeline's DAG, the per-subject sub-pipeline's DAG in its
+    loop and the proxy-shard loop's DAG."""
     root = spec["root"]["dag"]["tasks"]
-    (stages,) = dag(spec, root["for-loop-1"]["componentRef"]["name"]).values()
+    protocol = dag(spec, root["proxy-tuning-protocol"]["componentRef"]["name"])
+    (stages,) = dag(spec, protocol["for-loop-1"]["componentRef"]["name"]).values()
     subject = dag(spec, stages["componentRef"]["name"])
     shards = dag(spec, subject["for-loop-1"]["componentRef"]["name"])
-    return {"root": root, "subject": subject, "shards": shards}
+    return {"root": root, "protocol": protocol, "subject": subject, "shards": shards}
 
 
 def task_spec(spec, task):
@@ -73,10 +76,18 @@ def order(tasks):
 def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(compiled):
     _, spec, _ = compiled
     tasks = scopes(spec)
-    assert order(tasks["root"]) == ["plan", "for-loop-1", "tune-student", "evaluate", "register"]
+    assert order(tasks["root"]) == ["plan", "proxy-tuning-protocol", "register"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks["protocol"].items()} == {
+        "for-loop-1": set(),
+        "tune-student": {"for-loop-1"},
+        "tune-direct": {"for-loop-1"},  # the baseline trains beside the student
+        "evaluate": {"for-loop-1", "tune-student", "tune-direct"},
+    }
+    protocol_inputs = tasks["root"]["proxy-tuning-protocol"]["inputs"]["parameters"]
+    assert protocol_inputs["subjects"]["taskOutputParameter"]["producerTask"] == "plan"
     assert (
-        tasks["root"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
-        == "pipelinechannel--plan-Output"
+        tasks["protocol"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
+        == "pipelinechannel--subjects"
     )
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks["subject"].items()} == {
         "ingest": set(),
@@ -88,18 +99,21 @@ def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(comp
     loop = tasks["subject"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
     assert loop == "pipelinechannel--proxy-shards-Output" and list(tasks["shards"]) == ["generate-proxy"]
     assert (
-        "iteratorPolicy" not in tasks["root"]["for-loop-1"]
+        "iteratorPolicy" not in tasks["protocol"]["for-loop-1"]
     )  # the cluster runs all subjects and shards at once
     collected = {
         task: {
-            name: a["taskOutputArtifact"] for name, a in tasks["root"][task]["inputs"]["artifacts"].items()
+            name: a["taskOutputArtifact"]
+            for name, a in tasks["protocol"][task]["inputs"]["artifacts"].items()
         }
-        for task in ("tune-student", "evaluate")
+        for task in ("tune-student", "tune-direct", "evaluate")
     }
     assert collected["tune-student"]["proxies"]["producerTask"] == "for-loop-1"
+    assert collected["tune-direct"]["subjects"]["producerTask"] == "for-loop-1"
     merged = tasks["subject"]["merge-proxy"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
     assert merged["producerTask"] == "for-loop-1"
-    assert set(collected["evaluate"]) == {"subjects", "supervisors", "student"}
+    assert set(collected["evaluate"]) == {"subjects", "supervisors", "student", "direct"}
+    assert collected["evaluate"]["direct"]["producerTask"] == "tune-direct"
 
 
 def test_gpu_requests_pool_and_shm_on_exactly_the_gpu_steps(compiled):

@@ -18,6 +18,7 @@ STAGES = {
     "tune_supervisor",
     "generate_proxy",
     "tune_student",
+    "tune_direct",
     "evaluate",
     "register",
 }
@@ -33,15 +34,16 @@ def pipeline_run(mlflow_server, s3_endpoint, tmp_path_factory):
         env.setenv("COLUMNS", "160")
         for key, value in S3_KEYS.items():
             env.setenv(key, value)
-        code = main(["run", "--local", "--workdir", str(workdir), "--experiment", "e2e"])
+        methods = '--set=evaluation.methods=["student", "supervisor", "direct"]'
+        code = main(["run", "--local", "--workdir", str(workdir), "--experiment", "e2e", methods])
     return code, workdir, json.loads((workdir / "summary.json").read_text())
 
 
 def test_the_run_succeeds_and_writes_its_summary(pipeline_run):
     code, workdir, summary = pipeline_run
     assert code == 0 and summary["status"] == "succeeded"
-    for model in ("student", "supervisor"):
-        assert set(summary["metrics"][model]) == {"clip_i", "clip_t", "dino"}
+    for method in ("student", "supervisor", "direct"):
+        assert set(summary["metrics"][method]) == {"clip_i", "clip_t", "dino"}
     assert summary["report"] == str(workdir / "report.html")
     assert "Proxy-Tuning report: dog" in (workdir / "report.html").read_text()
     assert summary["registered_model"]["name"] == "proxytune-dog"
@@ -61,7 +63,13 @@ def test_mlflow_has_the_parent_run_with_one_finished_child_per_stage(pipeline_ru
     assert all(run.info.status == "FINISHED" for run in children)
     assert all(run.data.tags[KFP_RUN_TAG] == parent.data.tags[KFP_RUN_TAG] for run in children)
     evaluate = by_stage["evaluate"].data.metrics
-    assert evaluate["student_dino"] == pytest.approx(summary["metrics"]["student"]["dino"])
+    metrics = summary["metrics"]
+    for method in ("student", "supervisor", "direct"):
+        assert evaluate[f"{method}_dino"] == pytest.approx(metrics[method]["dino"])
+    gain = metrics["student"]["clip_i"] - metrics["direct"]["clip_i"]
+    assert evaluate["gain_vs_direct_clip_i"] == pytest.approx(gain)
+    direct = by_stage["tune_direct"].data
+    assert direct.params["training_data"] == "photos" and direct.metrics["train_loss_after"] > 0
     losses = client.get_metric_history(by_stage["tune_supervisor"].info.run_id, "train_loss")
     assert len(losses) == 40
     student = by_stage["tune_student"].data.metrics
