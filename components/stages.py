@@ -222,6 +222,7 @@ def evaluate(
         samples.path,
         report.path,
         table.path,
+        metrics.path,
         preset,
         overrides,
         tracking,
@@ -270,5 +271,7 @@ def aggregate(
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     paths = [evaluation.path for evaluation in evaluations]
-    for name, value in aggregate_step(paths, bench.path, report.path, table.path, tracking).items():
+    for name, value in aggregate_step(
+        paths, bench.path, report.path, table.path, metrics.path, tracking
+    ).items():
         metrics.log_metric(name, value)

@@ -23,6 +23,8 @@ steps that load models mount the model-cache PVC; endpoints come from the Config
 cached: each run registers a version.
 """
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from kfp import compiler, dsl
@@ -44,8 +46,10 @@ from components import (
 )
 from pipelines.cluster import ClusterOptions, schedule
 from proxytune.bench import BENCH_METHODS
+from proxytune.fsutil import replacing
 
 PIPELINE_NAME = "proxy-tuning"
+CODE_ENV = "PROXYTUNE_CODE"
 BENCH_NAME = "dreambench"
 
 
@@ -53,6 +57,8 @@ class Outputs(NamedTuple):
     registration: str
     metrics: Metrics
     report: HTML
+    student: Model
+    samples: Dataset
 
 
 class SubjectOutputs(NamedTuple):
@@ -74,7 +80,20 @@ class BenchOutputs(NamedTuple):
     report: HTML
 
 
-def _protocol(parallelism: int | None, cluster: ClusterOptions):
+def _placer(cluster: ClusterOptions | None, code: str) -> Callable[[dsl.PipelineTask], dsl.PipelineTask]:
+    """How each task is placed: `pipelines.cluster.schedule`, and with `code` (a digest of the
+    installed proxytune, for local runs) an environment variable that kfp.local's cache keys on,
+    so a changed library never reuses outputs of the old one."""
+    cluster = cluster or ClusterOptions()
+
+    def place(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        schedule(task, cluster)
+        return task.set_env_variable(CODE_ENV, code) if code else task
+
+    return place
+
+
+def _protocol(parallelism: int | None, place: Callable[[dsl.PipelineTask], dsl.PipelineTask]):
     """The Proxy-Tuning protocol on a list of planned subjects, as a sub-pipeline: each subject's
     stages in a ParallelFor (inside it, proxy generation in a ParallelFor over shards), then one
     student on all proxy datasets, the direct baseline beside it, and the evaluation. The
@@ -96,7 +115,7 @@ def _protocol(parallelism: int | None, cluster: ClusterOptions):
             parts=dsl.Collected(part.outputs["proxy"]), subject=subject.outputs["subject"], **run
         )
         for task in (subject, supervisor, shards, part, proxy):
-            schedule(task, cluster)
+            place(task)
         return SubjectOutputs(
             subject=subject.outputs["subject"],
             supervisor=supervisor.outputs["supervisor"],
@@ -128,7 +147,7 @@ def _protocol(parallelism: int | None, cluster: ClusterOptions):
             **run,
         )
         for task in (student, direct, scores):
-            schedule(task, cluster)
+            place(task)
         return ProtocolOutputs(
             student=student.outputs["student"],
             samples=scores.outputs["samples"],
@@ -139,13 +158,13 @@ def _protocol(parallelism: int | None, cluster: ClusterOptions):
     return protocol
 
 
-def build(parallelism: int | None = None, cluster: ClusterOptions | None = None):
+def build(parallelism: int | None = None, cluster: ClusterOptions | None = None, code: str = ""):
     """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
     once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
     runs them in turn (KFP fixes loop parallelism and pod specs when the pipeline is defined).
-    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`)."""
-    cluster = cluster or ClusterOptions()
-    protocol = _protocol(parallelism, cluster)
+    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`); `code`: see `_placer`."""
+    place = _placer(cluster, code)
+    protocol = _protocol(parallelism, place)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -211,22 +230,24 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None)
             **tracking,
         ).set_caching_options(False)
         for task in (subjects, registration):
-            schedule(task, cluster)
+            place(task)
         return Outputs(
             registration=registration.output,
             metrics=evaluated.outputs["metrics"],
             report=evaluated.outputs["report"],
+            student=evaluated.outputs["student"],
+            samples=evaluated.outputs["samples"],
         )
 
     return proxy_tuning
 
 
-def build_dreambench(parallelism: int | None = None, cluster: ClusterOptions | None = None):
+def build_dreambench(parallelism: int | None = None, cluster: ClusterOptions | None = None, code: str = ""):
     """The DreamBench-wide pipeline: the protocol once per subject of a DreamBench-layout
     dataset (a ParallelFor over subjects, each its own student and baseline), then one table of
     the paper's means with per-subject rows. Nothing is registered: it measures the method."""
-    cluster = cluster or ClusterOptions()
-    protocol = _protocol(parallelism, cluster)
+    place = _placer(cluster, code)
+    protocol = _protocol(parallelism, place)
 
     @dsl.pipeline(
         name=BENCH_NAME,
@@ -271,7 +292,7 @@ def build_dreambench(parallelism: int | None = None, cluster: ClusterOptions | N
             **tracking,
         )
         for task in (groups, table):
-            schedule(task, cluster)
+            place(task)
         return BenchOutputs(
             bench=table.outputs["bench"], metrics=table.outputs["metrics"], report=table.outputs["report"]
         )
@@ -296,5 +317,9 @@ def compile_pipeline(path: str, cluster: ClusterOptions | None = None, name: str
     builders = {PIPELINE_NAME: build, BENCH_NAME: build_dreambench}
     if name not in builders:
         raise ValueError(f"unknown pipeline {name!r}; choose from {', '.join(builders)}")
-    compiler.Compiler().compile(builders[name](cluster=cluster), package_path=path)
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist")
+    with replacing(path, suffix=Path(path).suffix) as tmp:  # a half-written file never replaces a good one
+        compiler.Compiler().compile(builders[name](cluster=cluster), package_path=str(tmp))
     return path

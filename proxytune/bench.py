@@ -22,7 +22,7 @@ from proxytune.config import PRESETS
 from proxytune.fsutil import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from proxytune.ingest import IngestError, list_sources, plan_subjects
 from proxytune.metrics import gains
-from proxytune.report import METHOD_TITLES, METRIC_LABELS, bench_page, markdown_table
+from proxytune.report import METHOD_TITLES, METRIC_LABELS, bench_page, markdown_table, random_note
 
 log = logging.getLogger(__name__)
 CLASSES_FILE = "prompts_and_classes.txt"
@@ -130,6 +130,7 @@ def aggregate(evaluation_dirs: Sequence[str | Path], out_dir: str | Path) -> dic
         "reported": evaluations[0]["reported"],
         "protocol": evaluations[0]["protocol"],
         "encoders": evaluations[0]["encoders"],
+        **({"random_weights": e} if (e := evaluations[0].get("random_weights")) else {}),
     }
     markdown = bench_markdown(table)
     with atomic_directory(out_dir) as tmp:
@@ -141,7 +142,9 @@ def aggregate(evaluation_dirs: Sequence[str | Path], out_dir: str | Path) -> dic
 
 def bench_markdown(table: dict[str, Any]) -> str:
     """The means (the paper's table), then one row per subject and method."""
+    note = random_note(table)
     lines = [
+        *([f"> {note}", ""] if note else []),
         f"Means over {len(table['subjects'])} subject(s):",
         "",
         markdown_table(table["means"], table["reported"]).rstrip("\n"),

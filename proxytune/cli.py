@@ -27,24 +27,55 @@ SUBMIT_EXIT_CODES = """exit codes:
   3  the run registered a version that was not promoted (challenger only; the gate tag says why)"""
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    a run failed (the step and its cause are printed and in summary.json)
+  2    bad input or arguments, an unreachable server or an unwritable path: refused, nothing ran
+  3    submit --wait: the run's version was registered but not promoted
+  130  interrupted (Ctrl-C)
+--debug shows the Python traceback of any of these."""
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. An expected failure prints one line and exits with its code (EXIT_CODES);
+    only a bug shows a traceback, unless --debug."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        console.print("[yellow]interrupted[/yellow]")
+        return INTERRUPTED
+    except (ValueError, OSError) as error:  # OSError: missing or unwritable paths, unreachable servers
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(' '.join(str(error).strip().splitlines()))}")
         return 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proxytune", description=__doc__)
+    from proxytune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="proxytune",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"proxytune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of failures")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the Proxy-Tuning pipeline")
+    run = commands.add_parser("run", help="run the Proxy-Tuning pipeline on this machine")
     run.add_argument(
-        "--local", action="store_true", required=True, help="run on this machine through kfp.local"
+        "--local",
+        action="store_true",
+        help="run on this machine through kfp.local (the only mode of `run`, so also the default; "
+        "`submit` starts runs on Kubeflow)",
     )
     run.add_argument(
         "--config",
@@ -88,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _run_arguments(run)
     run.add_argument("--experiment", help="MLflow experiment (default: the config's, else proxytune)")
+    run.add_argument("--verbose", action="store_true", help="stream every step's whole output")
+    run.add_argument(
+        "--fresh", action="store_true", help="run every step again (default: reuse finished steps' outputs)"
+    )
     run.add_argument(
         "--model-name", help="registered model name (default: the config's, else proxytune-<subject>)"
     )
@@ -197,8 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     backends = commands.add_parser("backends", help="list the model backends by kind")
     backends.set_defaults(handler=_backends)
 
-    presets = commands.add_parser("presets", help="print every parameter of every preset")
-    presets.add_argument("--all", action="store_true", help="also the parameters no preset changes")
+    presets = commands.add_parser(
+        "presets", help="print every parameter: each preset's value and the allowed range"
+    )
+    presets.add_argument("--changed", action="store_true", help="only the parameters some preset changes")
     presets.set_defaults(handler=_presets)
 
     generate = commands.add_parser("generate", help="sample images from a tuned student")
@@ -305,26 +342,63 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxytune.local import run_local
+    """Validate everything (inputs, paths, servers) in the first seconds, then run supervised
+    (`proxytune.runner`): a step per line, logs on disk, clean interrupts."""
+    import os
+
+    from proxytune.local import check_run, local_defaults
+    from proxytune.runner import check_servers, run_supervised
 
     config = _run_config(args)
+    workdir = _workdir(args.workdir)
+    check_run(config)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or local_defaults(workdir)["MLFLOW_TRACKING_URI"]
+    check_servers(tracking_uri)
     described = ", ".join(f"{s.uri} ({s.class_noun})" for s in config.subjects)
     console.rule(f"proxytune: {described}, preset {config.preset}")
-    try:
-        summary = run_local(
-            config.subject_fields(),
-            args.workdir,
-            preset=config.preset,
-            overrides=dict(config.overrides),
-            experiment=config.experiment,
-            registered_model_name=config.registered_model_name,
+    request = {
+        "subjects": config.subject_fields(),
+        "workdir": str(workdir),
+        "preset": config.preset,
+        "overrides": dict(config.overrides),
+        "experiment": config.experiment,
+        "registered_model_name": config.registered_model_name,
+        "fresh": args.fresh,
+        "checked": True,  # just now, above
+    }
+    outcome, summary = run_supervised(request, workdir, tracking_uri, console, args.verbose)
+    summary_path = workdir / "summary.json"
+    if outcome == "interrupted":
+        step = f" during {summary['interrupted_step']}" if summary["interrupted_step"] else ""
+        done = len(summary["finished_steps"])
+        console.print(
+            f"[yellow]interrupted{step}[/yellow]: the same command reuses the {done} finished "
+            "step(s) and the proxy images drawn so far"
         )
-    except RuntimeError as error:
-        console.print(f"[red]pipeline failed:[/red] {error}")
-        console.print(f"summary: {Path(args.workdir).resolve() / 'summary.json'}")
+        console.print(f"summary: {summary_path}")
+        return INTERRUPTED
+    if outcome == "failed":
+        console.print(
+            f"[red]✗ {summary['failed_step'] or 'the pipeline'} failed:[/red] {escape(summary['cause'])}"
+        )
+        console.print(f"log:     {summary['log']}")
+        console.print(f"summary: {summary_path}")
         return 1
     _print_summary(summary)
     return 0
+
+
+def _workdir(value: str) -> Path:
+    """The workdir, resolved; refused now if it cannot be a folder we write (nothing is made yet)."""
+    import os
+
+    workdir = Path(value).expanduser().resolve()
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--workdir {value}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {value}: {existing} is not writable")
+    return workdir
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -391,11 +465,14 @@ def _print_scores(metrics: dict, title: str) -> None:
 
 def _print_summary(summary: dict) -> None:
     _print_scores(summary["metrics"], "Subject fidelity (raw cosine, all pairs)")
+    if summary.get("note"):
+        console.print(f"[yellow]note:[/yellow] {summary['note']}")
     model = summary["registered_model"]
     console.print(
         f"registered: [bold]{model['name']}[/bold] v{model['version']} {model['aliases']} ({model['gate']})"
     )
     console.print(f"report:     {summary['report']}")
+    console.print(f"student:    {summary['student_adapter']}")
     console.print(f"summary:    {Path(summary['workdir']) / 'summary.json'}  ({summary['seconds']} s)")
     uri = summary["mlflow"]["tracking_uri"]
     if uri.startswith("sqlite:"):
@@ -674,18 +751,19 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from proxytune.config import PRESETS, RunParams, preset_values
+    from proxytune.config import PRESETS, RunParams, parameter_bounds, preset_values
 
-    values = preset_values()
+    values, bounds = preset_values(), parameter_bounds()
     names = list(values)
-    table = Table(title="proxytune presets (override any value with --set section.field=value)")
+    table = Table(title="proxytune parameters (set any with --set section.field=value)")
     table.add_column("parameter")
     for name in names:
         table.add_column(name)
+    table.add_column("allowed")
     for key in values[names[0]]:
         row = [values[name][key] for name in names]
-        if args.all or any(v != row[0] for v in row):
-            table.add_row(key, *(repr(v) if isinstance(v, str) else str(v) for v in row))
+        if not args.changed or any(v != row[0] for v in row):
+            table.add_row(key, *(repr(v) if isinstance(v, str) else str(v) for v in row), bounds.get(key, ""))
     console.print(table)
     for name in PRESETS:
         try:

@@ -17,6 +17,18 @@ from proxytune.prompts import INSTANCE_TEMPLATE
 from proxytune.registry import ENCODERS, STUDENTS, SUPERVISORS
 from proxytune.sampling import check_overrides
 
+# Upper bounds of counts and sizes: far above any real run (the paper draws 1000 proxy images,
+# trains 1000 steps at rank 128), low enough that a typo (`1e9`) fails at once instead of hours
+# in. `proxytune presets` prints every field's bounds.
+MAX_STEPS = 1_000_000
+MAX_IMAGES = 1_000_000
+MAX_RANK = 1024
+MAX_BATCH = 4096
+MAX_RESOLUTION = 4096
+MAX_INFERENCE_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**32 - 1
+
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -33,26 +45,61 @@ def check_template(value: str, field: str) -> str:
     return value
 
 
+class IngestParams(_Params):
+    """Limits on every image a run reads (subject photos and imported proxy images), checked
+    before any model loads: sizes from the folder or the S3 listing before a byte is read,
+    dimensions from the image header before any pixel is decoded."""
+
+    max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        le=150_000_000,
+        description="most pixels (width x height) of an image; at most 150 M, under the 179 M "
+        "Pillow refuses to open",
+    )
+    max_file_bytes: int = Field(
+        50_000_000, gt=0, le=2_000_000_000, description="largest file, in bytes (50 MB by default)"
+    )
+    min_side: int = Field(64, gt=0, le=4096, description="shortest width or height in pixels")
+    min_photos: int = Field(
+        2, gt=0, le=1000, description="fewest distinct subject photos, once exact duplicates are dropped"
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_smallest(self) -> IngestParams:
+        if self.min_side**2 > self.max_pixels:
+            raise ValueError(f"max_pixels {self.max_pixels} is below min_side squared ({self.min_side**2})")
+        return self
+
+
 class TrainingParams(_Params):
     """What every LoRA training run takes (supervisor and student share the loop)."""
 
-    steps: int = Field(40, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up, then a constant learning rate")
-    rank: int = Field(4, gt=0)
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: equal to rank")
-    batch_size: int = Field(1, gt=0)
+    steps: int = Field(40, gt=0, le=MAX_STEPS)
+    learning_rate: float = Field(1e-3, gt=0, le=10.0)
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_STEPS, description="linear warm-up, then a constant learning rate"
+    )
+    rank: int = Field(4, gt=0, le=MAX_RANK)
+    alpha: float | None = Field(
+        None, gt=0, le=100 * MAX_RANK, description="LoRA alpha; default: equal to rank"
+    )
+    batch_size: int = Field(1, gt=0, le=MAX_BATCH)
     micro_batch_size: int | None = Field(
         None,
         gt=0,
+        le=MAX_BATCH,
         description="images per forward pass (gradients accumulate over the batch); default: the batch",
     )
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(
-        100, ge=0, description="steps between checkpoints in the object store (0: none); a re-run resumes"
+        100,
+        ge=0,
+        le=MAX_STEPS,
+        description="steps between checkpoints in the object store (0: none); a re-run resumes",
     )
-    checkpoints_kept: int = Field(2, gt=0, description="the newest checkpoints kept")
+    checkpoints_kept: int = Field(2, gt=0, le=100, description="the newest checkpoints kept")
 
 
 class SupervisorParams(TrainingParams):
@@ -63,11 +110,13 @@ class SupervisorParams(TrainingParams):
     model_source: str | None = Field(
         None, description="hub id, folder or s3:// prefix; default: the backend's"
     )
-    steps: int | None = Field(None, gt=0, description="default: the backend's recipe")
-    learning_rate: float | None = Field(None, gt=0, description="default: the backend's recipe")
-    rank: int | None = Field(None, gt=0, description="default: the backend's recipe")
-    batch_size: int | None = Field(None, gt=0, description="default: the backend's recipe")
-    resolution: int | None = Field(None, gt=0, description="training size; default: the backend's")
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="default: the backend's recipe")
+    learning_rate: float | None = Field(None, gt=0, le=10.0, description="default: the backend's recipe")
+    rank: int | None = Field(None, gt=0, le=MAX_RANK, description="default: the backend's recipe")
+    batch_size: int | None = Field(None, gt=0, le=MAX_BATCH, description="default: the backend's recipe")
+    resolution: int | None = Field(
+        None, gt=0, le=MAX_RESOLUTION, description="training size; default: the backend's"
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -87,15 +136,19 @@ class SupervisorParams(TrainingParams):
 class ProxyParams(_Params):
     """Proxy dataset generation by the tuned supervisor."""
 
-    num_images: int = Field(16, gt=0)
-    batch_size: int = Field(8, gt=0)
-    inference_steps: int | None = Field(None, gt=0, description="default: the supervisor's reference value")
+    num_images: int = Field(16, gt=0, le=MAX_IMAGES)
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
+    inference_steps: int | None = Field(
+        None, gt=0, le=MAX_INFERENCE_STEPS, description="default: the supervisor's reference value"
+    )
     guidance_scale: float | None = Field(
-        None, ge=1.0, description="default: the supervisor's reference value"
+        None, ge=1.0, le=MAX_GUIDANCE, description="default: the supervisor's reference value"
     )
     prompt_template: str = INSTANCE_TEMPLATE
     prompt_bank: list[str] = Field(
-        [], description="more prompt templates; image i uses ([prompt_template] + bank)[i mod its length]"
+        [],
+        max_length=10_000,
+        description="more prompt templates; image i uses ([prompt_template] + bank)[i mod its length]",
     )
     shards: int = Field(1, gt=0, le=256, description="generation tasks, each on its own GPU pod")
     keep_fraction: float | None = Field(
@@ -105,8 +158,10 @@ class ProxyParams(_Params):
         description="keep this share of the proxy images most like the subject photos "
         "(DINO, evaluation.dino_encoder); default: keep all, as the paper does",
     )
-    shard_size: int = Field(1000, gt=0, description="images per folder of the dataset (shard-NNNNN/)")
-    seed: int = 0
+    shard_size: int = Field(
+        1000, gt=0, le=MAX_IMAGES, description="images per folder of the dataset (shard-NNNNN/)"
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("prompt_template")
     @classmethod
@@ -137,10 +192,10 @@ class StudentParams(TrainingParams):
         description="Lumina-mGPT: the Chameleon VQGAN converted by `proxytune convert-vqgan` "
         "(folder, hub id or s3:// prefix); default: the vqgan/ folder beside the model",
     )
-    rank: int = Field(8, gt=0)
-    batch_size: int = Field(4, gt=0)
+    rank: int = Field(8, gt=0, le=MAX_RANK)
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH)
     micro_batch_size: int | None = Field(
-        4, gt=0, description="images per forward pass; gradients accumulate over the batch"
+        4, gt=0, le=MAX_BATCH, description="images per forward pass; gradients accumulate over the batch"
     )
     null_prompt_prob: float = Field(0.05, ge=0.0, lt=1.0, description="prompt dropout, for CFG")
     holdout_fraction: float = Field(
@@ -185,19 +240,24 @@ class EvalParams(_Params):
         None, description="hub id, folder or s3:// prefix of dino_encoder's weights; default: the encoder's"
     )
     num_prompts: int = Field(2, gt=0, le=25)
-    images_per_prompt: int = Field(2, gt=0)
+    images_per_prompt: int = Field(2, gt=0, le=100)
     student_sampling: dict[str, int | float] = Field(
         {},
         description="guidance_scale, temperature, top_k (0 = all codes), top_p for the student; "
         "each one not set keeps the backend's reference value",
     )
-    supervisor_guidance_scale: float | None = Field(None, ge=1.0, description="default: the backend's")
-    supervisor_inference_steps: int | None = Field(None, gt=0, description="default: the backend's")
-    batch_size: int = Field(8, gt=0)
-    seed: int = 0
+    supervisor_guidance_scale: float | None = Field(
+        None, ge=1.0, le=MAX_GUIDANCE, description="default: the backend's"
+    )
+    supervisor_inference_steps: int | None = Field(
+        None, gt=0, le=MAX_INFERENCE_STEPS, description="default: the backend's"
+    )
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     variance_samples: int = Field(
         4,
         ge=0,
+        le=10_000,
         description="extra samples per model and subject for the feature-variance analysis "
         "(DINO features; prompts cycle through the DreamBench list); 0: none",
     )
@@ -253,6 +313,7 @@ class RegistryParams(_Params):
 
 
 class RunParams(_Params):
+    ingest: IngestParams = IngestParams()
     supervisor: SupervisorParams = SupervisorParams()
     proxy: ProxyParams = ProxyParams()
     student: StudentParams = StudentParams()
@@ -331,6 +392,34 @@ def preset_values() -> dict[str, dict[str, Any]]:
         name: _flatten(_deep_merge(copy.deepcopy(defaults), copy.deepcopy(preset)))
         for name, preset in PRESETS.items()
     }
+
+
+def parameter_bounds() -> dict[str, str]:
+    """Every parameter (`section.field`) with its allowed range, e.g. `> 0, <= 1,000,000`, for
+    `proxytune presets`."""
+    import annotated_types
+
+    symbols = {
+        annotated_types.Gt: (">", "gt"),
+        annotated_types.Ge: (">=", "ge"),
+        annotated_types.Lt: ("<", "lt"),
+        annotated_types.Le: ("<=", "le"),
+        annotated_types.MaxLen: ("items <=", "max_length"),
+    }
+    bounds = {}
+    for section, info in RunParams.model_fields.items():
+        for name, field in info.annotation.model_fields.items():
+            limits = [
+                f"{symbols[type(c)][0]} {_number(getattr(c, symbols[type(c)][1]))}"
+                for c in field.metadata
+                if type(c) in symbols
+            ]
+            bounds[f"{section}.{name}"] = ", ".join(limits)
+    return bounds
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,7 +31,7 @@ from proxytune.metrics import PROTOCOL, flat_gains, gains, mean_paired_cosine, m
 from proxytune.paper import reported_rows
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import ENCODERS
-from proxytune.report import markdown_table, write_report
+from proxytune.report import comparison_markdown, write_report
 from proxytune.sampling import Sampling
 from proxytune.student import load_base_student, load_student
 from proxytune.supervisor import load_supervisor
@@ -335,6 +335,11 @@ def _summarise(
             metrics, student.backend, supervisors, {"clip": params.clip_encoder, "dino": params.dino_encoder}
         ),
     }
+    sources = {e["backend"]: e["source"] for e in evaluation["encoders"].values()}
+    sources |= {card.backend: card.base_model.id for card in (student, *(run.supervisor for run in runs))}
+    random = sorted(name for name, source in sources.items() if ModelSource(source).is_random)
+    if random:  # the tiny preset: say the scores mean nothing
+        evaluation["random_weights"] = random
     if params.variance_samples:
         evaluation["variance"] = {
             "samples": params.variance_samples,
@@ -374,9 +379,7 @@ def _write(
                 (tmp / file).parent.mkdir(parents=True, exist_ok=True)
                 photo.save(tmp / file)
         atomic_write_json(tmp / EVALUATION_FILE, evaluation)
-        atomic_write_text(
-            tmp / COMPARISON_FILE, markdown_table(evaluation["metrics"], evaluation["reported"])
-        )
+        atomic_write_text(tmp / COMPARISON_FILE, comparison_markdown(evaluation))
         if spreads:
             plot_variance(tmp / VARIANCE_PLOT, spreads)
         write_report(

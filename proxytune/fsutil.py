@@ -27,11 +27,12 @@ PROGRESS_MIN_BYTES = 64 << 20  # files below this download without a progress ba
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling of `path` to write; it replaces `path` only if the block succeeds."""
+def replacing(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary sibling of `path` to write; it replaces `path` only if the block succeeds.
+    `suffix`: the temporary's, for writers that pick the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -11,16 +11,40 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_MAX = 65535
+
 
 def normalize_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and return an RGB image; transparency is blended on white."""
-    image = ImageOps.exif_transpose(image)
+    """Apply the EXIF orientation and return an RGB image; transparency is blended on white,
+    high-bit-depth grey is scaled to 8 bits (`to_8bit`), never clipped."""
+    image = to_8bit(ImageOps.exif_transpose(image))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey (Pillow's "I;16*" modes, and "I" holding 0-65535) -> "L", scaling the 16-bit
+    range onto 0-255: v -> round(v * 255 / 65535) = (v + 128) // 257 (exact: 65535 = 255 * 257,
+    and no v falls half-way), so 0 -> 0 and 65535 -> 255. Pillow's own conversion clips at 255
+    instead (a full-range 16-bit photo turns white). "I" values outside 0-65535 and float ("F")
+    pixels have no known range and raise ValueError. Other modes are returned as they are
+    (Pillow already reads 16-bit colour as 8-bit, keeping each sample's high byte)."""
+    if image.mode == "F":
+        raise ValueError("floating-point pixels have no fixed range; save the image with 8 or 16 bits")
+    if image.mode != "I" and image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT_MAX):
+        raise ValueError(
+            f"32-bit integer pixels ({values.min()} to {values.max()}) have no known range; "
+            "save the image with 8 or 16 bits"
+        )
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
 
 
 def center_square(image: Image.Image, size: int) -> Image.Image:

@@ -1,8 +1,11 @@
 """Ingest: a subject's photos (local folder or s3://bucket/prefix) -> subject Dataset.
 
-Every file is decoded and normalised before anything is written (RGB, EXIF orientation
-applied, transparency on white, duplicates dropped by pixel hash), so a bad input fails
-with a message naming the file and leaves nothing behind.
+Every file is checked and decoded before anything is written, so a bad input fails with a
+message naming the file and leaves nothing behind. The limits (`IngestParams`: file size,
+pixel count, shortest side, distinct photos) are checked as early as the source allows: a
+file's size from the folder or the S3 listing before it is read, its dimensions from the image
+header before any pixel is decoded. Photos are then normalised (RGB, EXIF orientation applied,
+transparency on white, 16-bit scaled to 8) and exact duplicates dropped by pixel hash.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import functools
 import io
 import logging
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from proxytune.config import IngestParams
 from proxytune.contracts import SUBJECT_FILE, Subject, SubjectImage
 from proxytune.fsutil import atomic_directory, sha256_bytes, sha256_file, sha256_json
 from proxytune.images import normalize_rgb
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 RECOMMENDED_COUNT = (3, 6)
 SUBJECT_KEYS = ("uri", "class_noun", "name", "identifier", "proxy_uri")
 SPARE_IDENTIFIERS = ("sks", "ohwx", "zwx", "qxv", "vkz", "jqp", "pxw", "kzq")  # rare tokens
+DEFAULT_LIMITS = IngestParams()
 
 
 class IngestError(ValueError):
@@ -42,23 +48,30 @@ class SubjectPhoto:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file of a source folder or prefix, read only when needed (a proxy import holds ~1000)."""
+    """A file of a source folder or prefix, read only when needed (a proxy import holds ~1000);
+    `size` is known before reading, from `sized_by` (the file system or the S3 listing)."""
 
     name: str
+    size: int
+    sized_by: str
     read: Callable[[], bytes]
 
 
 def list_sources(source_uri: str, what: str = "subject") -> list[SourceFile]:
-    """Every non-hidden file directly inside the source (`what` names it in errors), sorted by name."""
+    """Every non-hidden file directly inside the source (`what` names it in errors), sorted by name.
+
+    A link in a folder that points outside it is refused (IngestError naming the link and its
+    target): a run reads what the folder holds, not whatever a link reaches on this machine;
+    links to files inside the folder are read as those files."""
     if source_uri.startswith("s3://"):
         store, prefix = open_s3_uri(source_uri)
-        keys = [
-            k for k in store.list(prefix + "/" if prefix else "") if "/" not in k[len(prefix) :].strip("/")
-        ]
-        files = [(k.rsplit("/", 1)[-1], k) for k in keys]
+        # the listing's sizes, so an oversized object is refused before it is downloaded
+        listing = store.client.list_objects(store.bucket, prefix=prefix + "/" if prefix else "")
+        objects = sorted((o for o in listing if not o.is_dir), key=lambda o: o.object_name)
+        files = [(o.object_name.rsplit("/", 1)[-1], o) for o in objects]
         return [
-            SourceFile(name, functools.partial(store.get_bytes, key))
-            for name, key in sorted(files)
+            SourceFile(name, o.size, "the S3 listing", functools.partial(store.get_bytes, o.object_name))
+            for name, o in files
             if not name.startswith(".")
         ]
     folder = Path(source_uri).expanduser()
@@ -66,42 +79,109 @@ def list_sources(source_uri: str, what: str = "subject") -> list[SourceFile]:
         raise IngestError(f"{what} folder {folder} does not exist")
     if not folder.is_dir():
         raise IngestError(f"{what} source {folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [SourceFile(p.name, p.read_bytes) for p in paths]
+    inside = folder.resolve()
+    paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for link in filter(Path.is_symlink, paths):
+        if not link.resolve().is_relative_to(inside):
+            raise IngestError(
+                f"{what} folder {folder}: {link.name} is a link to {link.resolve()}, outside the folder; "
+                "copy the file in instead"
+            )
+    return [
+        SourceFile(p.name, p.stat().st_size, "the file system", p.read_bytes) for p in paths if p.is_file()
+    ]
 
 
-def decode_photo(name: str, data: bytes) -> SubjectPhoto:
+def read_source(source: SourceFile, limits: IngestParams = DEFAULT_LIMITS) -> bytes:
+    """A source file's bytes, its size checked against `limits` before it is read or downloaded."""
+    if source.size > limits.max_file_bytes:
+        raise IngestError(
+            f"{source.name}: {source.size:,} bytes according to {source.sized_by}, over the limit of "
+            f"{limits.max_file_bytes:,} bytes (ingest.max_file_bytes); not read"
+        )
+    return source.read()
+
+
+def read_photo(source: SourceFile, limits: IngestParams = DEFAULT_LIMITS) -> SubjectPhoto:
+    """`decode_photo` on a source file read by `read_source`."""
+    return decode_photo(source.name, read_source(source, limits), limits)
+
+
+def decode_photo(name: str, data: bytes, limits: IngestParams = DEFAULT_LIMITS) -> SubjectPhoto:
+    """Decode and normalise one image; its dimensions are checked against `limits` from the
+    header, before any pixel is decoded (and so allocated); Pillow's decompression-bomb guard
+    stays on for what is beyond any allowed limit. Raises IngestError naming `name`."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            image = normalize_rgb(opened)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # limits.max_pixels rules
+            opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise IngestError(
+            f"{name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's decompression-bomb guard, "
+            f"from the header), over the limit of {limits.max_pixels:,} pixels (ingest.max_pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise IngestError(f"{name}: not an image file (cannot be decoded as an image)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise IngestError(f"{name}: unreadable or corrupt image ({error})") from None
+    with opened:
+        check_dimensions(name, opened.size, limits)
+        try:
+            opened.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise IngestError(f"{name}: unreadable or corrupt image ({error})") from None
+        try:
+            image = normalize_rgb(opened)
+        except ValueError as error:
+            raise IngestError(f"{name}: {error}") from None
     pixels = f"{image.size}".encode() + image.tobytes()
     return SubjectPhoto(name, image, sha256_bytes(pixels))
 
 
-def scan_subject(source_uri: str) -> list[SubjectPhoto]:
-    """Read and decode every photo of a subject, duplicates removed; raises IngestError."""
+def check_dimensions(name: str, size: tuple[int, int], limits: IngestParams) -> None:
+    """An image's width and height within `limits`, else IngestError naming `name` and the limit."""
+    width, height = size
+    if width * height > limits.max_pixels:
+        raise IngestError(
+            f"{name}: {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{limits.max_pixels:,} pixels (ingest.max_pixels)"
+        )
+    if min(size) < limits.min_side:
+        raise IngestError(
+            f"{name}: {width}x{height} pixels, under the minimum side of {limits.min_side} px "
+            "(ingest.min_side)"
+        )
+
+
+def scan_subject(source_uri: str, limits: IngestParams = DEFAULT_LIMITS) -> list[SubjectPhoto]:
+    """Read and decode every photo of a subject, duplicates removed; raises IngestError, also
+    when fewer than `limits.min_photos` distinct photos remain (copies teach nothing new)."""
     sources = list_sources(source_uri)
     if not sources:
         raise IngestError(f"no images in {source_uri}")
     photos: dict[str, SubjectPhoto] = {}
     for source in sources:
-        name = source.name
-        photo = decode_photo(name, source.read())
+        photo = read_photo(source, limits)
         if photo.pixel_sha256 in photos:
-            log.warning("%s duplicates %s; skipped", name, photos[photo.pixel_sha256].source)
+            log.warning("%s duplicates %s; skipped", source.name, photos[photo.pixel_sha256].source)
             continue
         photos[photo.pixel_sha256] = photo
+    if len(photos) < limits.min_photos:
+        dropped = len(sources) - len(photos)
+        raise IngestError(
+            f"{source_uri}: {_count(len(sources), 'file')}, {_count(len(photos), 'distinct photo')} after "
+            f"dropping {_count(dropped, 'duplicate')}; need at least {limits.min_photos} (ingest.min_photos)"
+        )
     low, high = RECOMMENDED_COUNT
     if not low <= len(photos) <= high:
         log.warning(
             "%d distinct photos in %s; DreamBooth works best with %d-%d", len(photos), source_uri, low, high
         )
     return list(photos.values())
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def subject_fields(
@@ -175,12 +255,14 @@ def ingest(
     identifier: str = "sks",
     store: ObjectStore | None = None,
     proxy_uri: str | None = None,
+    limits: IngestParams = DEFAULT_LIMITS,
 ) -> Subject:
     """Write the subject Dataset to `out_dir` (atomically) and, if given, publish it to
     `store` under `subjects/<content hash>/`. `proxy_uri`: the subject's proxy images are
-    imported from there (a black-box supervisor) instead of drawn by a tuned one."""
+    imported from there (a black-box supervisor) instead of drawn by a tuned one. Every photo
+    is checked against `limits` before anything is written."""
     draft = subject_fields(source_uri, class_noun, name, identifier, proxy_uri)
-    photos = scan_subject(source_uri)
+    photos = scan_subject(source_uri, limits)
     with atomic_directory(out_dir) as tmp:
         (tmp / "images").mkdir()
         entries = []

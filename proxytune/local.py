@@ -12,22 +12,26 @@ the installed project is what runs; nothing is pip-installed at run time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from proxytune.config import RunParams
 from proxytune.fsutil import atomic_write_json, read_json
 from proxytune.ingest import scan_subject
 from proxytune.proxy import check_proxy_import
-from proxytune.runconfig import validate_run_config
+from proxytune.runconfig import RunConfig, validate_run_config
 from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
 
 log = logging.getLogger(__name__)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SUBJECT = REPO_ROOT / "examples" / "subjects" / "dog"
 EXAMPLE_CLASS = "dog"
@@ -57,15 +61,44 @@ def local_defaults(workdir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _local_kfp(workdir: Path) -> Iterator[str]:
-    """kfp.local set up on `workdir` with the embedded defaults; yields the MLflow URI."""
+def _local_kfp(workdir: Path, reuse: bool = True) -> Iterator[str]:
+    """kfp.local set up on `workdir` with the embedded defaults; yields the MLflow URI.
+
+    `reuse`: kfp.local's task cache (`<workdir>/kfp-cache`) serves a step whose inputs,
+    parameters and code (`source_digest`, in every task's environment) match a finished one,
+    so a re-run redoes only what changed; `register` always runs."""
     from kfp import local
 
     with _environment(local_defaults(workdir)):
         local.init(
-            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline-root")
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(workdir / "pipeline-root"),
+            enable_caching=reuse,
+            cache_root=str(workdir / "kfp-cache"),
         )
         yield os.environ["MLFLOW_TRACKING_URI"]
+
+
+def source_digest() -> str:
+    """A digest of the installed proxytune, components and pipelines sources and backend
+    configs: what made a cached step output, so changed code never reuses old outputs."""
+    digest = hashlib.sha256()
+    for package in ("proxytune", "components", "pipelines"):
+        for path in sorted((REPO_ROOT / package).rglob("*")):
+            if path.suffix in (".py", ".json") and path.is_file():
+                digest.update(f"{path.relative_to(REPO_ROOT)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_run(config: RunConfig) -> None:
+    """Every subject's photos and proxy import checked against the run's `ingest` limits (each
+    file decoded once), before any task starts or anything is written; raises ValueError
+    (IngestError) naming the file and the limit."""
+    limits = RunParams.resolve(config.preset, config.overrides).ingest
+    for subject in config.pipeline_subjects():
+        scan_subject(subject["uri"], limits)
+        if subject["proxy_uri"]:
+            check_proxy_import(subject["proxy_uri"], subject["identifier"], limits)
 
 
 def run_local(
@@ -75,16 +108,24 @@ def run_local(
     overrides: dict[str, Any] | None = None,
     experiment: str = "proxytune",
     registered_model_name: str = "",
+    run_dir: str | Path | None = None,
+    fresh: bool = False,
+    checked: bool = False,
 ) -> dict[str, Any]:
-    """Validate the inputs, run the pipeline, write and return `<workdir>/summary.json`.
+    """Validate the inputs, run the pipeline, write and return `summary.json` (and copy the
+    report) into `run_dir` (default: `workdir`).
 
     `subjects`: one dict per subject, `uri` and `class_noun`, optional `name`, `identifier`
     and `proxy_uri` (import the proxy images from there); several make a multi-subject
     student. Bad inputs (photos and proxy imports included) raise ValueError before any task
-    starts; a failed task gives a summary with status "failed" (and RuntimeError from kfp)."""
+    starts (`checked`: the caller ran `check_run` already); a failed task gives a summary with
+    status "failed" (and RuntimeError from kfp). Finished steps are reused unless `fresh`."""
     from pipelines.proxy_tuning import build
+    from proxytune.evaluate import read_evaluation
+    from proxytune.report import random_note
 
     workdir = Path(workdir).resolve()
+    run_dir = Path(run_dir or workdir)
     config = validate_run_config(
         {
             "subjects": [
@@ -96,33 +137,33 @@ def run_local(
             "registered_model_name": registered_model_name,
         }
     )
-    planned = config.pipeline_subjects()
-    for subject in planned:
-        scan_subject(subject["uri"])
-        if subject["proxy_uri"]:
-            check_proxy_import(subject["proxy_uri"], subject["identifier"])
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not checked:
+        check_run(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "status": "running",
         "workdir": str(workdir),
-        "subject_uris": [p["uri"] for p in planned],
+        "subject_uris": [p["uri"] for p in config.pipeline_subjects()],
     }
     started = time.monotonic()
-    with _local_kfp(workdir) as tracking_uri:
+    with _local_kfp(workdir, reuse=not fresh) as tracking_uri:
         try:
-            task = build(parallelism=1)(**config.pipeline_arguments())
+            task = build(parallelism=1, code=source_digest())(**config.pipeline_arguments())
         except RuntimeError as error:
-            summary.update(status="failed", error=str(error), seconds=round(time.monotonic() - started, 1))
-            atomic_write_json(workdir / "summary.json", summary)
+            cause = ANSI.sub("", str(error))
+            summary.update(status="failed", error=cause, seconds=round(time.monotonic() - started, 1))
+            atomic_write_json(run_dir / "summary.json", summary)
             raise
     registration = json.loads(task.outputs["registration"])
-    report = workdir / "report.html"
+    report = run_dir / "report.html"
     shutil.copyfile(task.outputs["report"].path, report)
+    note = random_note(read_evaluation(task.outputs["samples"].path))
     summary.update(
         status="succeeded",
         seconds=round(time.monotonic() - started, 1),
         metrics=registration["metrics"],
         report=str(report),
+        student_adapter=task.outputs["student"].path,
         mlflow={
             "tracking_uri": tracking_uri,
             "experiment": experiment,
@@ -134,8 +175,9 @@ def run_local(
             "aliases": registration["aliases"],
             "gate": registration["gate_reason"],
         },
+        **({"note": note} if note else {}),
     )
-    atomic_write_json(workdir / "summary.json", summary)
+    atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -152,14 +194,13 @@ def run_bench(
     Parameters, the dataset and every subject's photos are validated before any task starts."""
     from pipelines.proxy_tuning import build_dreambench
     from proxytune.bench import BENCH_FILE, REPORT_FILE, TABLE_FILE, bench_subjects, with_bench_methods
-    from proxytune.config import RunParams
 
     workdir = Path(workdir).resolve()
     dataset = _absolute(dataset_uri)
     overrides = with_bench_methods(preset, overrides or {})
-    RunParams.resolve(preset, overrides)
+    limits = RunParams.resolve(preset, overrides).ingest
     for subject in bench_subjects(dataset, subjects):
-        scan_subject(subject["source_uri"])
+        scan_subject(subject["source_uri"], limits)
     workdir.mkdir(parents=True, exist_ok=True)
     with _local_kfp(workdir):
         task = build_dreambench(parallelism=1)(

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from proxytune.backends._base import ImageEncoder, default_device
-from proxytune.config import ProxyParams
+from proxytune.config import IngestParams, ProxyParams
 from proxytune.contracts import (
     IMPORTED,
     MANIFEST_FILE,
@@ -36,7 +36,7 @@ from proxytune.contracts import (
 )
 from proxytune.fsutil import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_json
 from proxytune.images import png_bytes
-from proxytune.ingest import IngestError, SourceFile, decode_photo, list_sources
+from proxytune.ingest import DEFAULT_LIMITS, IngestError, SourceFile, list_sources, read_photo, read_source
 from proxytune.prompts import dreambench_prompts, fill
 from proxytune.registry import SUPERVISORS
 from proxytune.storage import ObjectStore, join
@@ -109,16 +109,17 @@ def generate_proxy(
     tracker: Tracker | None = None,
     device: torch.device | None = None,
     shard: int = 0,
+    limits: IngestParams = DEFAULT_LIMITS,
 ) -> ProxyInfo:
     """Generate (or resume, or reuse) the proxy Dataset of the supervisor in `supervisor_dir`,
     or with `params.shards` > 1 its part `shard` (images `part_indices(...)`), which
     `merge_proxy` joins into the dataset an unsharded run gives for the same seeds. A black-box
-    supervisor's card (`IMPORTED`) imports its images instead (`import_proxy`)."""
+    supervisor's card (`IMPORTED`) imports its images instead (`import_proxy`, within `limits`)."""
     tracker = tracker or Tracker()
     card = read_adapter_card(supervisor_dir, "supervisor")
     (subject,) = card.subjects
     if card.imported:
-        return import_proxy(card.base_model.id, out_dir, subject, params, tracker)
+        return import_proxy(card.base_model.id, out_dir, subject, params, tracker, limits)
     prompts = proxy_prompts(params, subject.identifier, subject.class_noun)
     overlapping = evaluation_overlap(prompts, subject.identifier, subject.class_noun)
     steps, guidance = SUPERVISORS.create(card.backend).generation(
@@ -195,12 +196,14 @@ def import_proxy(
     subject: SubjectRef,
     params: ProxyParams,
     tracker: Tracker | None = None,
+    limits: IngestParams = DEFAULT_LIMITS,
 ) -> ProxyInfo:
     """Images of the subject made elsewhere (any supervisor, e.g. AttnDreamBooth outputs), from a
     folder or `s3://` prefix, as a proxy Dataset like a drawn one: the student needs only images.
 
-    Every image is decoded and normalised as ingest does (a corrupt file fails, naming it, and
-    nothing is written) and exact duplicates are dropped. An image's prompt is its caption file
+    Every image is checked against `limits` (`IngestParams`: file size, pixels, shortest side),
+    decoded and normalised as ingest does (a bad file fails, naming it, and nothing is written)
+    and exact duplicates are dropped. An image's prompt is its caption file
     `<stem>.txt` if there is one (it must name the subject's identifier), else the proxy prompt
     a drawn image of that index would get. One task imports the whole set: it is I/O, not GPU."""
     tracker = tracker or Tracker()
@@ -210,13 +213,14 @@ def import_proxy(
     pixels: dict[str, str] = {}
     with atomic_directory(out_dir) as tmp:
         for source in tqdm(images, desc="importing proxy images", unit="img", mininterval=2.0):
-            photo = decode_photo(source.name, source.read())
+            photo = read_photo(source, limits)
             if photo.pixel_sha256 in pixels:
                 log.warning("%s duplicates %s; skipped", source.name, pixels[photo.pixel_sha256])
                 continue
             pixels[photo.pixel_sha256] = source.name
             index = len(records)
-            prompt = _caption(captions, source.name, subject.identifier) or prompts[index % len(prompts)]
+            caption = _caption(captions, source.name, subject.identifier, limits)
+            prompt = caption or prompts[index % len(prompts)]
             file = proxy_file(index, params.shard_size)
             (tmp / file).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(tmp / file, png_bytes(photo.image))
@@ -243,13 +247,14 @@ def import_proxy(
     return info
 
 
-def check_proxy_import(source_uri: str, identifier: str) -> int:
-    """Validate a proxy import without writing anything (every image decoded, one at a time,
-    every caption checked); returns its image count. Raises IngestError naming the problem."""
+def check_proxy_import(source_uri: str, identifier: str, limits: IngestParams = DEFAULT_LIMITS) -> int:
+    """Validate a proxy import without writing anything (every image checked against `limits`
+    and decoded, one at a time, every caption checked); returns its image count. Raises
+    IngestError naming the problem."""
     images, captions = _import_sources(source_uri)
     for source in images:
-        decode_photo(source.name, source.read())
-        _caption(captions, source.name, identifier)
+        read_photo(source, limits)
+        _caption(captions, source.name, identifier, limits)
     return len(images)
 
 
@@ -266,12 +271,14 @@ def _import_sources(source_uri: str) -> tuple[list[SourceFile], dict[str, Source
     return images, captions
 
 
-def _caption(captions: dict[str, SourceFile], image_name: str, identifier: str) -> str | None:
+def _caption(
+    captions: dict[str, SourceFile], image_name: str, identifier: str, limits: IngestParams
+) -> str | None:
     source = captions.get(Path(image_name).stem)
     if source is None:
         return None
     try:
-        caption = " ".join(source.read().decode("utf-8").split())
+        caption = " ".join(read_source(source, limits).decode("utf-8").split())
     except UnicodeDecodeError:
         raise IngestError(f"{source.name}: a caption must be UTF-8 text") from None
     if identifier not in caption.split():

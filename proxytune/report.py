@@ -31,6 +31,7 @@ table{border-collapse:collapse;margin:.5rem 0}
 td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
 th:first-child,td:first-child{text-align:left}.best{font-weight:bold;background:#e8f5e9}
 .paper td{font-style:italic;color:#666}.verdict{font-size:1.1rem}
+.warn{background:#fff3e0;border-left:4px solid #ef6c00;padding:.5rem .8rem}
 .row{display:flex;gap:1rem;align-items:flex-start;flex-wrap:wrap}.cap{font-size:.85rem;color:#555}
 img{image-rendering:auto;border:1px solid #ddd}
 """
@@ -55,6 +56,11 @@ def write_report(
         f"<h1>Proxy-Tuning report: {_e(names)}</h1>",
         f"<p>Student <b>{_e(student['backend'])}</b> (sampling: {_e(sampling)}) tuned on proxy images "
         f"from {_e(', '.join(sorted({_supervisor(c['supervisor']) for c in cards})))}.</p>",
+        *(
+            [f"<p class=warn id=random-weights>{_e(random_note(evaluation))}</p>"]
+            if random_note(evaluation)
+            else []
+        ),
         "<h2>Subject fidelity</h2>",
         f"<p class=verdict id=verdict>{_e(verdict(evaluation['metrics']))}</p>",
         _metrics_table(evaluation["metrics"], evaluation.get("reported", ()), "comparison"),
@@ -148,6 +154,17 @@ def _supervisor(card: AdapterCard) -> str:
     return f"a black box (images imported from {card.base_model.id})" if card.imported else card.backend
 
 
+def random_note(evaluation: Mapping) -> str:
+    """The tiny preset's warning: with random-weight models the scores test the plumbing only."""
+    models = evaluation.get("random_weights")
+    if not models:
+        return ""
+    return (
+        f"Random-weight models ({', '.join(models)}): these numbers test the plumbing, not the method; "
+        "they mean nothing about subject fidelity. Use the small or paper preset for real scores."
+    )
+
+
 def verdict(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """The run's answer in one sentence: on how many scores the student beat each other method,
     and by how much on DINO (the subject-fidelity score the paper leads with)."""
@@ -162,10 +179,17 @@ def verdict(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return f"The student {'; '.join(parts)}." if parts else "Only the student was scored."
 
 
+def comparison_markdown(evaluation: Mapping) -> str:
+    """The evaluation's comparison as Markdown (the KFP Markdown artifact, and MLflow), after
+    the random-weights warning when it applies."""
+    note = random_note(evaluation)
+    return (f"> {note}\n\n" if note else "") + markdown_table(evaluation["metrics"], evaluation["reported"])
+
+
 def markdown_table(metrics: Mapping[str, Mapping[str, float]], reported: Sequence[Mapping] = ()) -> str:
-    """The comparison in the paper's shape (the KFP Markdown artifact, and MLflow): method x
-    (CLIP-I, CLIP-T, DINO), the paper's numbers where they apply, then the student's gain over
-    each other method, absolute and relative, and the verdict."""
+    """The comparison in the paper's shape: method x (CLIP-I, CLIP-T, DINO), the paper's
+    numbers where they apply, then the student's gain over each other method, absolute and
+    relative, and the verdict."""
     head = "| {} | " + " | ".join(label for _, label in METRIC_LABELS) + " |"
     rule = "|---|" + "---:|" * len(METRIC_LABELS)
     lines = [head.format("method"), rule]
@@ -285,8 +309,10 @@ def bench_page(table: Mapping) -> str:
         for m, s in _ordered(r["metrics"])
     )
     counts = ", ".join(f"{m} on {n}" for m, n in _ordered(table["counts"]))
+    note = random_note(table)
     parts = [
         f"<h1>DreamBench: {len(rows)} subject(s)</h1>",
+        *([f"<p class=warn id=random-weights>{_e(note)}</p>"] if note else []),
         f"<p class=verdict id=verdict>{_e(verdict(table['means']))}</p>",
         _metrics_table(table["means"], table["reported"], "comparison"),
         f"<p class=cap>Means over subjects ({_e(counts)}). {_e(table['protocol'])}. Encoders: CLIP "

@@ -68,6 +68,22 @@ class SubjectConfig(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+MLFLOW_NAME_MAX = 256  # the length of the name columns in MLflow's database
+
+
+def check_mlflow_name(name: str, what: str) -> str:
+    """A registered model or experiment name MLflow will accept (its rules: not blank, no `/`
+    or `:`, not a path segment like `.` or `..`; at most 256 characters), checked before the
+    run starts rather than in its last step."""
+    if not name.strip() or name != name.strip():
+        raise ValueError(f"{what} {name!r} is blank or has spaces at its ends")
+    if "/" in name or ":" in name:
+        raise ValueError(f"{what} {name!r}: MLflow names cannot contain '/' or ':'")
+    if name in (".", "..") or len(name) > MLFLOW_NAME_MAX or not name.isprintable():
+        raise ValueError(f"{what} {name!r} is not a valid MLflow name (printable, at most {MLFLOW_NAME_MAX})")
+    return name
+
+
 class RunConfig(BaseModel):
     """A run: subjects, parameters (preset + overrides) and where MLflow records it."""
 
@@ -85,6 +101,16 @@ class RunConfig(BaseModel):
     def _distinct(cls, subjects: list[SubjectConfig]) -> list[SubjectConfig]:
         plan_subjects([s.fields() for s in subjects])  # names and identifiers tell them apart
         return subjects
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _registrable(cls, name: str) -> str:
+        return check_mlflow_name(name, "registered model name") if name else name
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, name: str) -> str:
+        return check_mlflow_name(name, "experiment name")
 
     @field_validator("preset")
     @classmethod

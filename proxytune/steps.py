@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxytune.config import RunParams
+from proxytune.config import IngestParams, RunParams
 from proxytune.contracts import SUBJECT_FILE, Subject, read_adapter_card
 from proxytune.tracking import TrackingContext, stage_run
 
@@ -39,11 +39,19 @@ def _names(subject_dirs: list[str]) -> str:
     return ",".join(Subject.read(Path(d) / SUBJECT_FILE).name for d in subject_dirs)
 
 
+def _for_ingest(subject: dict[str, str], params: RunParams) -> dict[str, Any]:
+    """A planned subject with the run's `ingest` limits, which its ingest step applies: the
+    limits the run was validated against travel with the subject (and key its cache)."""
+    return {**subject, "ingest": params.ingest.model_dump()}
+
+
 def plan_step(
     subjects: list[dict[str, str]], preset: str, overrides: dict[str, Any], tracking: TrackingContext
-) -> list[dict[str, str]]:
-    """Validate the whole run (parameters, every subject, every proxy import) before any GPU
-    step; returns the subjects the pipeline fans out over."""
+) -> list[dict[str, Any]]:
+    """Validate the whole run (parameters, every subject, every proxy import within the run's
+    `ingest` limits) before any GPU step; returns the subjects the pipeline fans out over, each
+    with those limits (`_for_ingest`). The photos are checked by each subject's ingest, the
+    step before its models load."""
     from proxytune.ingest import plan_subjects
     from proxytune.proxy import check_proxy_import
 
@@ -52,17 +60,17 @@ def plan_step(
     subjects = plan_subjects(subjects)
     for subject in subjects:
         if subject.get("proxy_uri"):
-            check_proxy_import(subject["proxy_uri"], subject["identifier"])
+            check_proxy_import(subject["proxy_uri"], subject["identifier"], params.ingest)
     with stage_run(tracking, "plan") as tracker:  # opens the parent run before the fan-out
         tracker.log_params({"preset": preset, "overrides": json.dumps(overrides, sort_keys=True)})
         tracker.log_params({"run": params.model_dump()})
         tracker.log_params({"subjects": json.dumps(subjects)})
-    return subjects
+    return [_for_ingest(subject, params) for subject in subjects]
 
 
 def plan_bench_step(
     dataset_uri: str, subjects: str, preset: str, overrides: dict[str, Any], tracking: TrackingContext
-) -> list[list[dict[str, str]]]:
+) -> list[list[dict[str, Any]]]:
     """Validate a DreamBench-wide run (parameters, the dataset's subject list and folders);
     returns one single-subject group per subject, each its own student."""
     from proxytune.bench import bench_subjects
@@ -74,15 +82,17 @@ def plan_bench_step(
         tracker.log_params({"preset": preset, "overrides": json.dumps(overrides, sort_keys=True)})
         tracker.log_params({"run": params.model_dump(), "dataset_uri": dataset_uri})
         tracker.log_params({"subjects": ",".join(s["name"] for s in planned)})
-    return [[subject] for subject in planned]
+    return [[_for_ingest(subject, params)] for subject in planned]
 
 
-def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext) -> dict[str, Any]:
-    """Ingest one planned subject's photos (`plan_step` validated the fields)."""
+def ingest_step(planned: dict[str, Any], out_dir: str, tracking: TrackingContext) -> dict[str, Any]:
+    """Ingest one planned subject's photos (`plan_step` validated the fields) within the run's
+    limits it planned with (`planned["ingest"]`)."""
     from proxytune.ingest import ingest
     from proxytune.storage import store_from_env
 
     configure_logging()
+    limits = IngestParams.model_validate(planned["ingest"])
     with stage_run(tracking, "ingest", subject=planned["name"]) as tracker:
         subject = ingest(
             planned["source_uri"],
@@ -92,6 +102,7 @@ def ingest_step(planned: dict[str, str], out_dir: str, tracking: TrackingContext
             planned["identifier"],
             store_from_env(),
             planned.get("proxy_uri"),
+            limits,
         )
         tracker.log_params(subject.model_dump(exclude={"images"}))
         tracker.log_metric("photos", len(subject.images))
@@ -133,7 +144,15 @@ def generate_proxy_step(
     params = RunParams.resolve(preset, overrides)
     subject = read_adapter_card(supervisor_dir, "supervisor").subjects[0].name
     with stage_run(tracking, "generate_proxy", subject=subject) as tracker:
-        info = generate_proxy(supervisor_dir, out_dir, params.proxy, store_from_env(), tracker, shard=shard)
+        info = generate_proxy(
+            supervisor_dir,
+            out_dir,
+            params.proxy,
+            store_from_env(),
+            tracker,
+            shard=shard,
+            limits=params.ingest,
+        )
         return {
             "images": info.num_images,
             "key": info.key,
@@ -219,12 +238,14 @@ def evaluate_step(
     samples_dir: str,
     report_path: str,
     table_path: str,
+    metrics_path: str,
     preset: str,
     overrides: dict[str, Any],
     tracking: TrackingContext,
 ) -> dict[str, float]:
-    """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact) and the
-    metrics table to `table_path` (the KFP Markdown artifact). `direct_dir`: `tune_direct_step`'s
+    """Evaluate; the report is also copied to `report_path` (the KFP HTML artifact), the
+    metrics table to `table_path` (the KFP Markdown artifact) and the flat metrics to
+    `metrics_path` (see `write_metrics`). `direct_dir`: `tune_direct_step`'s
     output. Returns flat metrics per method (`student_dino`, `direct_clip_i`, ...) and the
     student's gains (`gain_vs_supervisor_dino`, ...) for the KFP Metrics artifact."""
     from proxytune.evaluate import COMPARISON_FILE, evaluate
@@ -247,7 +268,17 @@ def evaluate_step(
     scores = {
         f"{method}_{k}": v for method, values in evaluation["metrics"].items() for k, v in values.items()
     }
-    return scores | flat_gains(evaluation["gains"])
+    return write_metrics(scores | flat_gains(evaluation["gains"]), metrics_path)
+
+
+def write_metrics(scores: dict[str, float], path: str) -> dict[str, float]:
+    """The KFP Metrics artifact's values also as a JSON file at its path: KFP keeps metrics in
+    the artifact's metadata, but kfp.local's cache reuses a step only if every output artifact
+    has a file. Returns `scores`."""
+    from proxytune.fsutil import atomic_write_json
+
+    atomic_write_json(path, scores)
+    return scores
 
 
 def register_step(
@@ -279,7 +310,12 @@ def register_step(
 
 
 def aggregate_step(
-    evaluation_dirs: list[str], out_dir: str, report_path: str, table_path: str, tracking: TrackingContext
+    evaluation_dirs: list[str],
+    out_dir: str,
+    report_path: str,
+    table_path: str,
+    metrics_path: str,
+    tracking: TrackingContext,
 ) -> dict[str, float]:
     """The DreamBench-wide table (`proxytune.bench.aggregate`), its report copied to
     `report_path` (KFP HTML) and its Markdown to `table_path`; returns the means per method
@@ -298,4 +334,4 @@ def aggregate_step(
             tracker.log_artifact(Path(out_dir) / name)
     shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
     shutil.copyfile(Path(out_dir) / TABLE_FILE, table_path)
-    return scores
+    return write_metrics(scores, metrics_path)

@@ -25,6 +25,16 @@ ROLE_TAG = "proxytune.role"
 STAGE_TAG = "proxytune.stage"
 SUBJECT_TAG = "proxytune.subject"
 PARENT_TAG = "mlflow.parentRunId"
+# A local run (`proxytune.runner`) names itself and its workdir in the environment of its steps,
+# so that an interrupted run's MLflow runs, or a hard-killed one's, can be found and marked KILLED.
+LOCAL_RUN_ENV, LOCAL_RUN_TAG = "PROXYTUNE_LOCAL_RUN", "proxytune.local_run"
+WORKDIR_ENV, WORKDIR_TAG = "PROXYTUNE_WORKDIR", "proxytune.workdir"
+
+
+def local_tags() -> dict[str, str]:
+    """The local run's tags (none for a run on Kubeflow)."""
+    tags = {LOCAL_RUN_TAG: os.environ.get(LOCAL_RUN_ENV), WORKDIR_TAG: os.environ.get(WORKDIR_ENV)}
+    return {k: v for k, v in tags.items() if v}
 
 
 @dataclass(frozen=True)
@@ -154,7 +164,7 @@ def find_or_create_parent(client, experiment_id: str, context: TrackingContext) 
     run = client.create_run(
         experiment_id,
         run_name=context.kfp_run_name or f"proxy-tuning-{run_key[:8]}",
-        tags={KFP_RUN_TAG: run_key, ROLE_TAG: "pipeline"},
+        tags={KFP_RUN_TAG: run_key, ROLE_TAG: "pipeline", **local_tags()},
     )
     return run.info.run_id
 
@@ -179,7 +189,13 @@ def stage_run(
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, context.experiment, uri)
     parent = find_or_create_parent(client, experiment_id, context)
-    tags = {PARENT_TAG: parent, STAGE_TAG: stage, ROLE_TAG: "stage", KFP_RUN_TAG: context.kfp_run_id}
+    tags = {
+        PARENT_TAG: parent,
+        STAGE_TAG: stage,
+        ROLE_TAG: "stage",
+        KFP_RUN_TAG: context.kfp_run_id,
+        **local_tags(),
+    }
     run = client.create_run(
         experiment_id,
         run_name=f"{stage} ({subject})" if subject else stage,

@@ -36,6 +36,8 @@ def test_backends_lists_every_registered_backend_by_kind(capsys):
         (["--identifier", "s k s"], "must be one word"),
         (["--proxy-from", "{tmp}", "--proxy-from", "{tmp}"], "give --proxy-from once per --subject"),
         (["--proxy-from", "{tmp}"], "no images in proxy import"),
+        (["--model-name", "bad/name%"], "registered model name 'bad/name%': MLflow names cannot contain '/'"),
+        (["--experiment", "  "], "experiment name '  ' is blank"),
     ],
 )
 def test_bad_input_fails_before_the_pipeline_starts(tmp_path, capsys, arguments, message):
@@ -56,11 +58,64 @@ def test_local_defaults_keep_everything_in_the_workdir(tmp_path, monkeypatch):
     assert "PROXYTUNE_STORE_DIR" not in local_defaults(tmp_path)
 
 
-def test_presets_prints_what_each_preset_sets_and_what_it_still_needs(capsys):
+def test_presets_prints_every_parameter_with_its_range_and_what_a_preset_still_needs(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "student.backend" in out and "'lumina-mgpt-7b-768'" in out and "'tiny-janus'" in out
-    assert "proxy.shard_size" not in out  # no preset changes it; --all shows it
+    (row,) = [line for line in out.splitlines() if "proxy.num_images" in line]
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == [
+        "proxy.num_images", "16", "200", "1000", "> 0, <= 1,000,000"
+    ]  # fmt: skip
+    assert "proxy.shard_size" in out and "ingest.max_pixels" in out
     assert "paper needs more before it runs" in out and "vq_source" in out
-    assert main(["presets", "--all"]) == 0
-    assert "proxy.shard_size" in capsys.readouterr().out
+    assert main(["presets", "--changed"]) == 0
+    assert "proxy.shard_size" not in capsys.readouterr().out  # no preset changes it
+
+
+def test_version_and_the_exit_codes_are_in_the_help(capsys):
+    from proxytune import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"proxytune {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for line in ("1    a run failed", "2    bad input or arguments", "130  interrupted (Ctrl-C)"):
+        assert line in help_text
+
+
+def test_run_needs_no_local_flag_while_it_is_the_only_mode(tmp_path, capsys):
+    assert main(["run", "--subject", str(tmp_path / "missing"), "--class-noun", "dog"]) == 2
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_an_unwritable_output_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    target = tmp_path / "missing" / "x.yaml"
+    assert main(["compile", "-o", str(target)]) == 2
+    out = capsys.readouterr().out
+    assert out == f"error: cannot write {target}: folder {target.parent} does not exist\n"
+    assert not target.parent.exists()
+    with pytest.raises(ValueError, match="cannot write"):
+        main(["--debug", "compile", "-o", str(target)])
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    import proxytune.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proxytune.cli, "_backends", interrupted)
+    assert main(["backends"]) == proxytune.cli.INTERRUPTED == 130
+    assert capsys.readouterr().out == "interrupted\n"
+
+
+def test_counts_and_sizes_have_upper_bounds_that_refuse_a_typo_at_once(tmp_path, capsys):
+    import time
+
+    began = time.monotonic()
+    assert main(["run", "--set", "proxy.num_images=1e9", "--workdir", str(tmp_path / "w")]) == 2
+    assert "proxy.num_images: Input should be less than or equal to 1000000" in capsys.readouterr().out
+    assert time.monotonic() - began < 2 and not (tmp_path / "w").exists()

@@ -245,7 +245,10 @@ def _table(lines: list[str]) -> dict[str, list[str]]:
 def test_the_comparison_gives_every_method_and_the_students_gains_over_each(evaluation_dir):
     evaluation = read_evaluation(evaluation_dir)
     metrics, keys = evaluation["metrics"], ("clip_i", "clip_t", "dino")
-    scores, gains, verdict = (evaluation_dir / "comparison.md").read_text().split("\n\n")
+    note, scores, gains, verdict = (evaluation_dir / "comparison.md").read_text().split("\n\n")
+    assert note.startswith(
+        "> Random-weight models (tiny-clip, tiny-dino, tiny-janus, tiny-sd): these numbers"
+    )
     lines = scores.splitlines()
     assert lines[0] == "| method | CLIP-I | CLIP-T | DINO |"
     assert _table(lines) == {
@@ -413,3 +416,14 @@ def test_the_report_opens_in_a_browser_with_its_table_and_every_picture(evaluati
     shot = screenshot(page, tmp_path, "report")
     with Image.open(shot) as image:
         assert image.size[0] == 1280 and image.size[1] > 900 and image.getextrema() != ((255, 255),) * 3
+
+
+def test_random_weight_models_are_named_as_meaningless_everywhere(evaluation_dir):
+    from proxytune.report import random_note
+
+    evaluation = read_evaluation(evaluation_dir)
+    assert evaluation["random_weights"] == ["tiny-clip", "tiny-dino", "tiny-janus", "tiny-sd"]
+    note = random_note(evaluation)
+    assert "test the plumbing, not the method" in note
+    assert f"<p class=warn id=random-weights>{note}</p>" in (evaluation_dir / "report.html").read_text()
+    assert random_note({"metrics": evaluation["metrics"]}) == ""  # real models: no warning

@@ -10,7 +10,7 @@ from proxytune.ingest import IngestError, ingest, load_subject, plan_subjects
 from tests.conftest import EXAMPLE
 
 
-def photo(path, mode="RGB", size=(48, 32), color=(200, 30, 30), **save):
+def photo(path, mode="RGB", size=(96, 64), color=(200, 30, 30), **save):
     Image.new(mode, size, color).save(path, **save)
     return path
 
@@ -83,14 +83,14 @@ def test_bad_subject_fields_fail_before_reading(photos, tmp_path, field, value, 
 def test_special_formats_are_normalized(tmp_path):
     folder = tmp_path / "formats"
     folder.mkdir()
-    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 255))
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))
     rgba.save(folder / "alpha.png")
     photo(folder / "grey.png", mode="L", color=77)
     photo(folder / "cmyk.jpg", mode="CMYK", color=(255, 0, 0, 0), quality=95)  # pure cyan ink
-    stored = np.zeros((20, 40, 3), np.uint8)
-    stored[:, :20] = (255, 0, 0)
-    stored[:, 20:] = (0, 0, 255)
+    stored = np.zeros((64, 128, 3), np.uint8)
+    stored[:, :64] = (255, 0, 0)
+    stored[:, 64:] = (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.fromarray(stored).save(folder / "rotated.jpg", exif=exif, quality=95)
@@ -109,7 +109,7 @@ def test_special_formats_are_normalized(tmp_path):
     assert cyan[0] < 40 and cyan[1] > 200 and cyan[2] > 200
 
     rotated = np.asarray(loaded["rotated.jpg"]).astype(int)
-    assert rotated.shape == (40, 20, 3)  # width and height swapped
+    assert rotated.shape == (128, 64, 3)  # width and height swapped
     expected = np.rot90(stored, k=-1).astype(int)  # an independent clockwise rotation
     assert np.abs(rotated - expected).mean() < 8
 

@@ -2,6 +2,7 @@
 live on a real S3-protocol server, which is also the platform's object store."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -44,7 +45,8 @@ def test_the_run_succeeds_and_writes_its_summary(pipeline_run):
     assert code == 0 and summary["status"] == "succeeded"
     for method in ("student", "supervisor", "direct"):
         assert set(summary["metrics"][method]) == {"clip_i", "clip_t", "dino"}
-    assert summary["report"] == str(workdir / "report.html")
+    assert summary["report"] == str(workdir / "runs" / summary["run_id"] / "report.html")
+    assert (workdir / "report.html").read_text() == Path(summary["report"]).read_text()  # the latest, on top
     assert "Proxy-Tuning report: dog" in (workdir / "report.html").read_text()
     assert summary["registered_model"]["name"] == "proxytune-dog"
     assert "challenger" in summary["registered_model"]["aliases"]

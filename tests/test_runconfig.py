@@ -9,6 +9,7 @@ import pytest
 from proxytune.cli import main
 from proxytune.config import RunParams
 from proxytune.ingest import plan_subjects
+from proxytune.local import run_local
 from proxytune.runconfig import load_run_config
 from tests.conftest import EXAMPLE, REPO, s3_bucket
 from tests.kfp_fake import serve_kubeflow
@@ -116,17 +117,29 @@ def test_relative_folders_are_relative_to_the_config_file(tmp_path, monkeypatch)
 
 
 @pytest.fixture
-def local_runs(monkeypatch):
-    """What `run --local` hands `run_local`, instead of running the pipeline."""
-    calls = []
-    monkeypatch.setattr(
-        "proxytune.local.run_local", lambda subjects, workdir, **kw: calls.append((subjects, kw))
-    )
+def requests(monkeypatch):
+    """The requests `run` hands the supervised runner (`run_local`'s arguments), instead of
+    running the pipeline; the photos and servers are not checked."""
+    sent = []
+    monkeypatch.setattr("proxytune.local.check_run", lambda config: None)
+    monkeypatch.setattr("proxytune.runner.check_servers", lambda tracking_uri: None)
+
+    def supervised(request, workdir, tracking_uri, console, verbose=False):
+        sent.append(request)
+        return "succeeded", {}
+
+    monkeypatch.setattr("proxytune.runner.run_supervised", supervised)
     monkeypatch.setattr("proxytune.cli._print_summary", lambda summary: None)
-    return calls
+    return sent
 
 
-def test_flags_override_the_file(tmp_path, local_runs):
+def settings(request: dict) -> tuple[list[dict], dict]:
+    """A request's subjects, and the run's settings."""
+    keys = ("preset", "overrides", "experiment", "registered_model_name")
+    return request["subjects"], {k: request[k] for k in keys}
+
+
+def test_flags_override_the_file(tmp_path, requests):
     config = write(
         tmp_path,
         """\
@@ -139,7 +152,7 @@ def test_flags_override_the_file(tmp_path, local_runs):
     )
     run = ["run", "--local", "--config", str(config)]
     assert main(run) == 0
-    assert local_runs.pop() == (
+    assert settings(requests.pop()) == (
         [{"uri": "s3://photos/rex", "class_noun": "dog"}],
         {
             "preset": "small",
@@ -151,7 +164,7 @@ def test_flags_override_the_file(tmp_path, local_runs):
     flags = ["--preset", "tiny", "--set", "student.steps=7", "--model-name", "m", "--experiment", "e"]
     flags += ["--subject", "s3://photos/bella", "--class-noun", "cat", "--identifier", "ohwx"]
     assert main([*run, *flags]) == 0
-    assert local_runs.pop() == (
+    assert settings(requests.pop()) == (
         [{"uri": "s3://photos/bella", "class_noun": "cat", "identifier": "ohwx"}],
         {
             "preset": "tiny",
@@ -162,7 +175,7 @@ def test_flags_override_the_file(tmp_path, local_runs):
     )
 
 
-def test_a_flag_that_breaks_the_config_names_both(tmp_path, local_runs, capsys):
+def test_a_flag_that_breaks_the_config_names_both(tmp_path, requests, capsys):
     config = write(tmp_path, REX)
     assert main(["run", "--local", "--config", str(config), "--set", "student.steps=-1"]) == 2
     out = capsys.readouterr().out
@@ -171,11 +184,11 @@ def test_a_flag_that_breaks_the_config_names_both(tmp_path, local_runs, capsys):
     assert (
         "--class-noun describe --subject: with --config, give the subjects in full" in capsys.readouterr().out
     )
-    assert local_runs == []
+    assert requests == []
 
 
 @pytest.mark.servers
-def test_one_file_gives_the_same_run_locally_and_on_a_cluster(tmp_path, s3_env, monkeypatch, capsys):
+def test_one_file_gives_the_same_run_locally_and_on_a_cluster(tmp_path, s3_env, monkeypatch, requests):
     """`run --local` (stopped where it would start the pipeline) and `submit` (the run-create
     request the fake Kubeflow receives) pass the same arguments, so the same parameters and
     subjects."""
@@ -196,7 +209,7 @@ def test_one_file_gives_the_same_run_locally_and_on_a_cluster(tmp_path, s3_env, 
     )
     sent_locally = {}
 
-    def build(parallelism=None, cluster=None):
+    def build(parallelism=None, cluster=None, code=""):
         def pipeline(**arguments):
             sent_locally.update(arguments)
             raise RuntimeError("stopped before the first task")
@@ -206,8 +219,10 @@ def test_one_file_gives_the_same_run_locally_and_on_a_cluster(tmp_path, s3_env, 
     monkeypatch.setenv("HOME", str(tmp_path))  # no kfp context file of the user's
     with monkeypatch.context() as patched:
         patched.setattr("pipelines.proxy_tuning.build", build)
-        assert main(["run", "--local", "--config", str(config), "--workdir", str(tmp_path / "work")]) == 1
-    assert "stopped before the first task" in capsys.readouterr().out
+        assert main(["run", "--local", "--config", str(config), "--workdir", str(tmp_path / "work")]) == 0
+        (request,) = requests  # what the runner's child process hands run_local
+        with pytest.raises(RuntimeError, match="stopped before the first task"):
+            run_local(**request)
     with serve_kubeflow() as (host, api):
         assert main(["submit", "--host", host, "--config", str(config)]) == 0
     (run,) = api.runs

@@ -35,6 +35,11 @@ class ModelSource:
     def is_tiny(self) -> bool:
         return self.id.startswith("tiny:")
 
+    @property
+    def is_random(self) -> bool:
+        """Random weights (`tiny:` or `random:`): scores from such a model test the plumbing."""
+        return self.id.startswith(("tiny:", "random:"))
+
     def local_or_hub(self) -> str:
         """A path or hub id that `from_pretrained` accepts (s3:// sources are staged first)."""
         from proxytune.weights import stage_weights
