@@ -80,15 +80,20 @@ class BenchOutputs(NamedTuple):
     report: HTML
 
 
-def _placer(cluster: ClusterOptions | None, code: str) -> Callable[[dsl.PipelineTask], dsl.PipelineTask]:
-    """How each task is placed: `pipelines.cluster.schedule`, and with `code` (a digest of the
-    installed proxytune, for local runs) an environment variable that kfp.local's cache keys on,
-    so a changed library never reuses outputs of the old one."""
+def _placer(
+    cluster: ClusterOptions | None, local_code: str
+) -> Callable[[dsl.PipelineTask], dsl.PipelineTask]:
+    """How each task is placed: `pipelines.cluster.schedule`. For a local run, `local_code` (a
+    digest of the installed proxytune) goes into every task's environment, which kfp.local's
+    cache keys on, so changed code never reuses old outputs; and no step is retried: on one
+    machine a failure repeats, where a cluster's retries ride out preempted pods."""
     cluster = cluster or ClusterOptions()
 
     def place(task: dsl.PipelineTask) -> dsl.PipelineTask:
         schedule(task, cluster)
-        return task.set_env_variable(CODE_ENV, code) if code else task
+        if local_code:
+            task.set_env_variable(CODE_ENV, local_code).set_retry(num_retries=0)
+        return task
 
     return place
 
@@ -158,12 +163,12 @@ def _protocol(parallelism: int | None, place: Callable[[dsl.PipelineTask], dsl.P
     return protocol
 
 
-def build(parallelism: int | None = None, cluster: ClusterOptions | None = None, code: str = ""):
+def build(parallelism: int | None = None, cluster: ClusterOptions | None = None, local_code: str = ""):
     """The pipeline. `parallelism` caps how many subjects, and proxy shards per subject, run at
     once: None lets the cluster schedule them all; `run_local` builds it with 1, so one box
     runs them in turn (KFP fixes loop parallelism and pod specs when the pipeline is defined).
-    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`); `code`: see `_placer`."""
-    place = _placer(cluster, code)
+    `cluster`: how the pods are scheduled (defaults: `ClusterOptions()`); `local_code`: see `_placer`."""
+    place = _placer(cluster, local_code)
     protocol = _protocol(parallelism, place)
 
     @dsl.pipeline(
@@ -242,11 +247,13 @@ def build(parallelism: int | None = None, cluster: ClusterOptions | None = None,
     return proxy_tuning
 
 
-def build_dreambench(parallelism: int | None = None, cluster: ClusterOptions | None = None, code: str = ""):
+def build_dreambench(
+    parallelism: int | None = None, cluster: ClusterOptions | None = None, local_code: str = ""
+):
     """The DreamBench-wide pipeline: the protocol once per subject of a DreamBench-layout
     dataset (a ParallelFor over subjects, each its own student and baseline), then one table of
     the paper's means with per-subject rows. Nothing is registered: it measures the method."""
-    place = _placer(cluster, code)
+    place = _placer(cluster, local_code)
     protocol = _protocol(parallelism, place)
 
     @dsl.pipeline(

@@ -1,4 +1,4 @@
-"""Command line: `proxytune run --local`, `bench`, `generate`, `convert-vqgan`, `compile`,
+"""Command line: `proxytune run --local`, `bench`, `gc`, `generate`, `convert-vqgan`, `compile`,
 `upload`, `submit`, `schedule`, `models`, `promote`, `rollback`, `backends`, `presets`, `study`."""
 
 from __future__ import annotations
@@ -145,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--experiment", default="proxytune-dreambench", help="MLflow experiment")
     bench.set_defaults(handler=_bench)
 
+    gc = commands.add_parser("gc", help="remove what local runs left behind that nothing will reuse")
+    gc.add_argument(
+        "--workdir", default="proxytune-work", help="the runs' workdir (default: ./proxytune-work)"
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_positive_or_zero,
+        default=7.0,
+        metavar="DAYS",
+        help="remove partial proxy sets untouched this long (default: 7)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(handler=_gc)
+
     compile_ = commands.add_parser("compile", help="compile a pipeline to KFP YAML")
     compile_.add_argument("-o", "--output", default="proxy-tuning.yaml", help="output file")
     _pipeline_argument(compile_)
@@ -285,6 +299,28 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     analyze.set_defaults(handler=_study_analyze)
     return parser
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from proxytune.cleanup import DAY_S, collect_garbage
+    from proxytune.local import workdir_store
+
+    workdir = Path(args.workdir).expanduser().resolve()
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir {args.workdir}: no such folder")
+    found = collect_garbage(workdir, workdir_store(workdir), args.older_than * DAY_S, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for removal in found:
+        console.print(f"{verb} {removal.what}: {removal.where}", highlight=False)
+    console.print(f"{verb} {len(found)} item(s)" if found else "nothing to remove")
+    return 0
+
+
+def _positive_or_zero(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:

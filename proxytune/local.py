@@ -28,7 +28,7 @@ from proxytune.fsutil import atomic_write_json, read_json
 from proxytune.ingest import scan_subject
 from proxytune.proxy import check_proxy_import
 from proxytune.runconfig import RunConfig, validate_run_config
-from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV
+from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV, ObjectStore, store_from_env
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
@@ -51,6 +51,12 @@ def _environment(defaults: dict[str, str]) -> Iterator[None]:
 
 def _absolute(uri: str) -> str:
     return uri if uri.startswith("s3://") else str(Path(uri).expanduser().resolve())
+
+
+def workdir_store(workdir: Path) -> ObjectStore:
+    """The object store a local run on `workdir` uses (S3 when the endpoint is set)."""
+    with _environment(local_defaults(workdir)):
+        return store_from_env()
 
 
 def local_defaults(workdir: Path) -> dict[str, str]:
@@ -148,7 +154,7 @@ def run_local(
     started = time.monotonic()
     with _local_kfp(workdir, reuse=not fresh) as tracking_uri:
         try:
-            task = build(parallelism=1, code=source_digest())(**config.pipeline_arguments())
+            task = build(parallelism=1, local_code=source_digest())(**config.pipeline_arguments())
         except RuntimeError as error:
             cause = ANSI.sub("", str(error))
             summary.update(status="failed", error=cause, seconds=round(time.monotonic() - started, 1))
@@ -203,7 +209,7 @@ def run_bench(
         scan_subject(subject["source_uri"], limits)
     workdir.mkdir(parents=True, exist_ok=True)
     with _local_kfp(workdir):
-        task = build_dreambench(parallelism=1)(
+        task = build_dreambench(parallelism=1, local_code=source_digest())(
             dataset_uri=dataset,
             subjects=",".join(subjects),
             preset=preset,

@@ -48,6 +48,10 @@ class ObjectStore(ABC):
         """All keys under `prefix` (recursive), sorted."""
 
     @abstractmethod
+    def modified(self, prefix: str) -> dict[str, float]:
+        """Every key under `prefix` (recursive) with its last modification (Unix seconds)."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object; removing an absent one is not an error."""
 
@@ -137,6 +141,9 @@ class LocalStore(ObjectStore):
         ]
         return sorted(k for k in keys if k.startswith(prefix.lstrip("/")))
 
+    def modified(self, prefix: str) -> dict[str, float]:
+        return {key: self._path(key).stat().st_mtime for key in self.list(prefix)}
+
 
 class MinioStore(ObjectStore):
     """A bucket (and optional key prefix) on MinIO or any S3-protocol server."""
@@ -223,10 +230,13 @@ class MinioStore(ObjectStore):
         self.client.remove_object(self.bucket, self._key(key))
 
     def list(self, prefix: str) -> list[str]:
+        return sorted(self.modified(prefix))
+
+    def modified(self, prefix: str) -> dict[str, float]:
         full = self._key(prefix) + ("/" if prefix.endswith("/") else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
-        return sorted(o.object_name[strip:] for o in objects if not o.is_dir)
+        return {o.object_name[strip:]: o.last_modified.timestamp() for o in objects if not o.is_dir}
 
 
 def store_from_env() -> ObjectStore:

@@ -119,3 +119,25 @@ def test_counts_and_sizes_have_upper_bounds_that_refuse_a_typo_at_once(tmp_path,
     assert main(["run", "--set", "proxy.num_images=1e9", "--workdir", str(tmp_path / "w")]) == 2
     assert "proxy.num_images: Input should be less than or equal to 1000000" in capsys.readouterr().out
     assert time.monotonic() - began < 2 and not (tmp_path / "w").exists()
+
+
+def test_an_unreachable_store_or_an_unusable_workdir_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from tests.conftest import free_port
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["run", "--workdir", str(not_a_folder / "work")]) == 2
+    assert (
+        capsys.readouterr().out
+        == f"error: --workdir {not_a_folder / 'work'}: {not_a_folder} is not a folder\n"
+    )
+    monkeypatch.setenv("PROXYTUNE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    assert main(["run", "--workdir", str(tmp_path / "work")]) == 2
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("error: S3 at http://127.0.0.1:")
+        and "cannot be reached" in out
+        and out.count("\n") == 1
+    )
+    assert not (tmp_path / "work").exists()

@@ -16,6 +16,7 @@ from proxytune.ingest import DEFAULT_LIMITS, IngestError, ingest, load_subject
 from proxytune.proxy import check_proxy_import
 from proxytune.storage import MinioStore
 from tests.conftest import EXAMPLE, s3_bucket
+from tests.test_ingest import photo
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -28,11 +29,6 @@ def png_claiming(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = zlib.compress(b"\x00" + b"\x80" * 3 * min(width, 64))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
-
-
-def photo(path, size=(96, 64), color=(200, 30, 30)):
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 @pytest.fixture

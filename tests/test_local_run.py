@@ -43,12 +43,15 @@ def environment() -> dict[str, str]:
 
 
 def start(workdir: Path, environment: dict[str, str], *extra: str) -> subprocess.Popen:
+    """`proxytune run` as a user starts it: SIGINT handled (a background job, as CI runs the
+    tests, inherits SIGINT ignored; a terminal's foreground process does not)."""
     return subprocess.Popen(
         [*PROXYTUNE, "run", "--workdir", str(workdir), *QUICK, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=environment,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -168,9 +171,11 @@ def test_sigint_then_a_hard_kill_are_cleaned_up_by_the_next_run(workdir, environ
         r"interrupted during (tune-student|tune-direct|evaluate)", out
     )
 
+    changed = "--set=student.steps=7"  # what the interrupted run finished is reused: change it again
     before = runs(workdir)
     killed = start(workdir, environment, changed)
     wait_for(lambda: "Executing task 'tune-student'" in latest_log(workdir, before), 240, "student tuning")
+    wait_for(lambda: "RUNNING" in mlflow_statuses(workdir), 120, "the step's MLflow run")
     killed.kill()  # no chance to clean up: the child follows (it dies with its parent)
     killed.wait()
     wait_for(lambda: not processes_under(workdir / "runs"), 20, "the orphaned steps to die")
@@ -181,3 +186,18 @@ def test_sigint_then_a_hard_kill_are_cleaned_up_by_the_next_run(workdir, environ
     assert after.returncode == 0, out
     assert re.search(r"marked \d+ MLflow run\(s\) of an earlier, killed run on this workdir KILLED", out)
     assert "RUNNING" not in mlflow_statuses(workdir)
+
+
+def test_a_failed_step_is_named_with_its_cause_and_log(workdir, environment):
+    missing = workdir.parent / "no-such-student"
+    run = start(workdir, environment, f"--set=student.model_source={missing}")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 1, out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_step"] in ("tune-student", "tune-direct")
+    assert str(missing) in summary["cause"] and "\x1b" not in summary["cause"]
+    assert f"✗ {summary['failed_step']} failed: {summary['cause']}" in out.replace("\n", " ")
+    assert f"log:     {summary['log']}" in out and Path(summary["log"]).name.startswith(
+        summary["failed_step"]
+    )
+    assert "Traceback" not in out and "RUNNING" not in mlflow_statuses(workdir)

@@ -209,7 +209,7 @@ def test_one_file_gives_the_same_run_locally_and_on_a_cluster(tmp_path, s3_env, 
     )
     sent_locally = {}
 
-    def build(parallelism=None, cluster=None, code=""):
+    def build(parallelism=None, cluster=None, local_code=""):
         def pipeline(**arguments):
             sent_locally.update(arguments)
             raise RuntimeError("stopped before the first task")
