@@ -70,9 +70,9 @@ def _abandoned_proxy_sets(store: ObjectStore, before: float) -> list[str]:
     """`proxy/<key>` prefixes without `proxy.json` whose newest object is older than `before`."""
     newest: dict[str, float] = {}
     complete: set[str] = set()
-    for key, modified in store.modified("proxy/").items():
+    for key, info in store.listing("proxy/").items():
         prefix = "/".join(key.split("/")[:2])
-        newest[prefix] = max(newest.get(prefix, 0.0), modified)
+        newest[prefix] = max(newest.get(prefix, 0.0), info.modified)
         if key == join(prefix, PROXY_FILE):
             complete.add(prefix)
     return sorted(p for p, t in newest.items() if p not in complete and t < before)

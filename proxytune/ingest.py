@@ -66,13 +66,11 @@ def list_sources(source_uri: str, what: str = "subject") -> list[SourceFile]:
     if source_uri.startswith("s3://"):
         store, prefix = open_s3_uri(source_uri)
         # the listing's sizes, so an oversized object is refused before it is downloaded
-        listing = store.client.list_objects(store.bucket, prefix=prefix + "/" if prefix else "")
-        objects = sorted((o for o in listing if not o.is_dir), key=lambda o: o.object_name)
-        files = [(o.object_name.rsplit("/", 1)[-1], o) for o in objects]
+        listing = store.listing(prefix + "/" if prefix else "", recursive=False)
         return [
-            SourceFile(name, o.size, "the S3 listing", functools.partial(store.get_bytes, o.object_name))
-            for name, o in files
-            if not name.startswith(".")
+            SourceFile(name, info.size, "the S3 listing", functools.partial(store.get_bytes, key))
+            for key, info in sorted(listing.items())
+            if not (name := key.rsplit("/", 1)[-1]).startswith(".")
         ]
     folder = Path(source_uri).expanduser()
     if not folder.exists():

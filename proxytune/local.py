@@ -28,7 +28,7 @@ from proxytune.fsutil import atomic_write_json, read_json
 from proxytune.ingest import scan_subject
 from proxytune.proxy import check_proxy_import
 from proxytune.runconfig import RunConfig, validate_run_config
-from proxytune.storage import ENDPOINT_ENV, STORE_DIR_ENV, ObjectStore, store_from_env
+from proxytune.storage import BUCKET_ENV, ENDPOINT_ENV, STORE_DIR_ENV, ObjectStore, store_from_env
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
@@ -83,6 +83,14 @@ def _local_kfp(workdir: Path, reuse: bool = True) -> Iterator[str]:
             cache_root=str(workdir / "kfp-cache"),
         )
         yield os.environ["MLFLOW_TRACKING_URI"]
+
+
+def run_identity() -> str:
+    """What a cached step's outputs depend on beyond its inputs and parameters: the code
+    (`source_digest`) and where it tracked and stored (the MLflow URI, the S3 endpoint and
+    bucket), so a run against another server or store does its steps there again."""
+    places = [os.environ.get(k, "") for k in ("MLFLOW_TRACKING_URI", ENDPOINT_ENV, BUCKET_ENV, STORE_DIR_ENV)]
+    return f"{source_digest()}-{hashlib.sha256(json.dumps(places).encode()).hexdigest()[:8]}"
 
 
 def source_digest() -> str:
@@ -154,7 +162,7 @@ def run_local(
     started = time.monotonic()
     with _local_kfp(workdir, reuse=not fresh) as tracking_uri:
         try:
-            task = build(parallelism=1, local_code=source_digest())(**config.pipeline_arguments())
+            task = build(parallelism=1, local_code=run_identity())(**config.pipeline_arguments())
         except RuntimeError as error:
             cause = ANSI.sub("", str(error))
             summary.update(status="failed", error=cause, seconds=round(time.monotonic() - started, 1))
@@ -209,7 +217,7 @@ def run_bench(
         scan_subject(subject["source_uri"], limits)
     workdir.mkdir(parents=True, exist_ok=True)
     with _local_kfp(workdir):
-        task = build_dreambench(parallelism=1, local_code=source_digest())(
+        task = build_dreambench(parallelism=1, local_code=run_identity())(
             dataset_uri=dataset,
             subjects=",".join(subjects),
             preset=preset,

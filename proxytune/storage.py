@@ -17,6 +17,7 @@ import io
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,6 +28,12 @@ BUCKET_ENV = "PROXYTUNE_S3_BUCKET"
 STORE_DIR_ENV = "PROXYTUNE_STORE_DIR"
 DEFAULT_BUCKET = "proxytune"
 CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int  # bytes
+    modified: float  # Unix seconds
 
 
 class ObjectStore(ABC):
@@ -48,8 +55,9 @@ class ObjectStore(ABC):
         """All keys under `prefix` (recursive), sorted."""
 
     @abstractmethod
-    def modified(self, prefix: str) -> dict[str, float]:
-        """Every key under `prefix` (recursive) with its last modification (Unix seconds)."""
+    def listing(self, prefix: str, recursive: bool = True) -> dict[str, ObjectInfo]:
+        """Every key under `prefix` (or only directly in it) with its size and modification
+        time, from the listing alone: nothing is downloaded."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -141,8 +149,10 @@ class LocalStore(ObjectStore):
         ]
         return sorted(k for k in keys if k.startswith(prefix.lstrip("/")))
 
-    def modified(self, prefix: str) -> dict[str, float]:
-        return {key: self._path(key).stat().st_mtime for key in self.list(prefix)}
+    def listing(self, prefix: str, recursive: bool = True) -> dict[str, ObjectInfo]:
+        depth = prefix.strip("/").count("/") + 1 if prefix.strip("/") else 0
+        keys = [k for k in self.list(prefix) if recursive or k.count("/") == depth]
+        return {k: ObjectInfo(self._path(k).stat().st_size, self._path(k).stat().st_mtime) for k in keys}
 
 
 class MinioStore(ObjectStore):
@@ -230,13 +240,17 @@ class MinioStore(ObjectStore):
         self.client.remove_object(self.bucket, self._key(key))
 
     def list(self, prefix: str) -> list[str]:
-        return sorted(self.modified(prefix))
+        return sorted(self.listing(prefix))
 
-    def modified(self, prefix: str) -> dict[str, float]:
+    def listing(self, prefix: str, recursive: bool = True) -> dict[str, ObjectInfo]:
         full = self._key(prefix) + ("/" if prefix.endswith("/") else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
-        return {o.object_name[strip:]: o.last_modified.timestamp() for o in objects if not o.is_dir}
+        objects = self.client.list_objects(self.bucket, prefix=full, recursive=recursive)
+        return {
+            o.object_name[strip:]: ObjectInfo(o.size, o.last_modified.timestamp())
+            for o in objects
+            if not o.is_dir
+        }
 
 
 def store_from_env() -> ObjectStore:

@@ -189,12 +189,12 @@ def test_sigint_then_a_hard_kill_are_cleaned_up_by_the_next_run(workdir, environ
 
 
 def test_a_failed_step_is_named_with_its_cause_and_log(workdir, environment):
-    missing = workdir.parent / "no-such-student"
-    run = start(workdir, environment, f"--set=student.model_source={missing}")
+    missing = workdir.parent / "no-such-supervisor"
+    run = start(workdir, environment, f"--set=supervisor.model_source={missing}")
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 1, out
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["failed_step"] in ("tune-student", "tune-direct")
+    assert summary["status"] == "failed" and summary["failed_step"] == "tune-supervisor"
     assert str(missing) in summary["cause"] and "\x1b" not in summary["cause"]
     assert f"✗ {summary['failed_step']} failed: {summary['cause']}" in out.replace("\n", " ")
     assert f"log:     {summary['log']}" in out and Path(summary["log"]).name.startswith(

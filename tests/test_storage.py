@@ -71,3 +71,13 @@ def test_store_keys_come_only_from_the_environment(s3_env, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ValueError, match="needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         store_from_env()
+
+
+def test_listings_give_sizes_and_dates_recursively_or_one_level(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_bytes("a/x.bin", b"12345")
+    store.put_bytes("a/b/y.bin", b"1")
+    assert {k: v.size for k, v in store.listing("a/").items()} == {"a/b/y.bin": 1, "a/x.bin": 5}
+    assert list(store.listing("a/", recursive=False)) == ["a/x.bin"]
+    assert list(store.listing("", recursive=False)) == []
+    assert abs(store.listing("a/")["a/x.bin"].modified - (tmp_path / "a" / "x.bin").stat().st_mtime) < 1e-6
