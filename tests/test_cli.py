@@ -141,3 +141,23 @@ def test_an_unreachable_store_or_an_unusable_workdir_is_refused_in_one_line(tmp_
         and out.count("\n") == 1
     )
     assert not (tmp_path / "work").exists()
+
+
+def test_a_bad_parameter_is_refused_in_a_fresh_process_before_the_model_libraries_load(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    probe = (
+        "import sys; from proxytune.cli import main; code = main(sys.argv[1:]); "
+        "print(code, *(m in sys.modules for m in ('transformers', 'diffusers', 'kfp', 'mlflow')))"
+    )
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "run", "--set", "proxy.num_images=0", "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+    )
+    took = time.monotonic() - began
+    assert done.stdout.splitlines()[-1] == "2 False False False False", done.stdout + done.stderr
+    assert took < 2.0 and not (tmp_path / "w").exists()

@@ -8,8 +8,12 @@ random-weight twin of a published model keeps its real special-token and image-t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers loads in a second: not when a CLI only validates parameters
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 BYTE_SYMBOLS = sorted(pre_tokenizers.ByteLevel.alphabet())
 
@@ -17,6 +21,8 @@ BYTE_SYMBOLS = sorted(pre_tokenizers.ByteLevel.alphabet())
 def tiny_clip_tokenizer(max_length: int = 32, pad: str = "<|endoftext|>") -> CLIPTokenizer:
     """CLIP's BPE tokenizer over bytes; `pad` is `<|endoftext|>` or, for SDXL's and SD3's
     second encoder, "!"."""
+    from transformers import CLIPTokenizer
+
     vocab = {symbol: i for i, symbol in enumerate(BYTE_SYMBOLS)}
     vocab.update({symbol + "</w>": len(BYTE_SYMBOLS) + i for i, symbol in enumerate(BYTE_SYMBOLS)})
     vocab["<|startoftext|>"] = len(vocab)
@@ -31,6 +37,8 @@ def byte_level_tokenizer(
     tokenizers, or without `bos` EOS at the end like T5's.
 
     Every name in `tokens` becomes one unsplittable token with its given id."""
+    from transformers import PreTrainedTokenizerFast
+
     taken = set(tokens.values())
     free = (i for i in range(len(BYTE_SYMBOLS) + len(taken)) if i not in taken)
     vocab = {symbol: next(free) for symbol in BYTE_SYMBOLS} | tokens

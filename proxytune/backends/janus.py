@@ -17,9 +17,9 @@ Where the reference differs from transformers' defaults, the reference wins:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
 
 from proxytune.backends._ar import (
     ARStudent,
@@ -32,6 +32,9 @@ from proxytune.backends._base import ModelSource, seeded
 from proxytune.backends._tokenizers import byte_level_tokenizer
 from proxytune.registry import STUDENTS
 from proxytune.sampling import Sampling
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
 BEGIN_OF_IMAGE = "<begin_of_image>"
@@ -48,7 +51,7 @@ def random_janus(
     generation config and a byte-level tokenizer with the real special-token ids.
 
     `layers` cuts the language model's and the vision encoder's depth (real-shape twins)."""
-    from transformers import JanusConfig, JanusForConditionalGeneration
+    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration
 
     spec = published_config(name)
     config = JanusConfig(**spec["config"])
