@@ -132,8 +132,16 @@ def test_sigterm_stops_the_run_and_its_steps_and_a_second_run_is_refused_meanwhi
 def test_the_rerun_reuses_the_supervisor_and_every_proxy_image_drawn(workdir, environment):
     before = json.loads((workdir / "proxy-images.json").read_text())
     run = start(workdir, environment)
+    wait_for(lambda: (workdir / ".lock").exists(), 60, "the run to take the workdir")
+    second = subprocess.run(
+        [*PROXYTUNE, "run", "--workdir", str(workdir), *QUICK],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert second.returncode == 2 and "is in use by another proxytune run" in second.stdout
     out, _ = run.communicate(timeout=600)
-    assert run.returncode == 0, out
+    assert run.returncode == 0, out  # the first finishes intact
     assert re.search(r"↺ tune-supervisor\s+reused", out)
     after = proxy_images(workdir)
     assert {k: list(v) for k, v in after.items() if k in before} == before  # untouched: same bytes, mtime
