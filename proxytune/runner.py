@@ -291,7 +291,6 @@ def run_supervised(
                 child.wait()
         except KeyboardInterrupt:
             _stop(child)
-            view.close()
             killed = mark_killed(tracking_uri, LOCAL_RUN_TAG, run_id) if _tracked(tracking_uri) else 0
             summary = {
                 "status": "interrupted",

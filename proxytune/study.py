@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxytune.config import EVAL_METHODS
+from proxytune.contracts import EVALUATION_FILE
 from proxytune.fsutil import (
     atomic_directory,
     atomic_write_json,
@@ -34,7 +35,6 @@ from proxytune.fsutil import (
 
 QUESTIONNAIRE = "questionnaire"
 KEY_FILE = "key.json"
-EVALUATION_FILE = "evaluation.json"
 SCALE = (1, 5)  # Likert scale, both ends included
 # (answer field, title, question): the three criteria each generated image is rated on
 CRITERIA = (
