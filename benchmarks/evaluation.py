@@ -1,5 +1,5 @@
 """Ratio benchmark: evaluation scoring with batched encoders and reference features computed
-once (what `proxytune.evaluate` does) vs a per-image loop that embeds each sample alone and
+once (what `proxytune.stages.evaluate` does) vs a per-image loop that embeds each sample alone and
 the subject's photos again for every sample. Both compute the same scores in one process.
 
     .venv/bin/python benchmarks/evaluation.py [--images 32] [--photos 4]
@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from PIL import Image, ImageOps
 
-from proxytune.config import EvalParams
-from proxytune.evaluate import Encoders, Features, References
-from proxytune.metrics import mean_paired_cosine, mean_pairwise_cosine
+from proxytune.analysis.metrics import mean_paired_cosine, mean_pairwise_cosine
+from proxytune.core.params import EvalParams
+from proxytune.stages.eval_score import Encoders, Features, References
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "subjects" / "dog"
 

@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from proxytune.backends._base import ModelSource
-from proxytune.config import PRESETS
-from proxytune.registry import STUDENTS
+from proxytune.core.config import PRESETS
+from proxytune.core.registry import STUDENTS
 
 REAL = "lumina-mgpt-7b-768,janus-pro-7b,janus-pro-1b"  # the paper's student first, if time runs out
 SUPERVISORS_REAL = "sdxl,flux-dev,sd3.5-large,sd3,sd15"  # the paper's default supervisor first
@@ -86,7 +86,7 @@ def measure_supervisor(name: str, device: torch.device, args) -> dict:
     """One LoRA step at the backend's recipe batch and native size (bf16 on GPU, gradient
     checkpointing), then one image at native resolution with the reference steps and guidance."""
     from proxytune.backends._diffusion import repeat
-    from proxytune.registry import SUPERVISORS
+    from proxytune.core.registry import SUPERVISORS
 
     start = time.perf_counter()
     backend = SUPERVISORS.create(name)

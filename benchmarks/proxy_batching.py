@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from proxytune.registry import SUPERVISORS
+from proxytune.core.registry import SUPERVISORS
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from proxytune.registry import STUDENTS
+from proxytune.core.registry import STUDENTS
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from PIL import Image
 
-from proxytune.contracts import ProxyRecord
-from proxytune.images import to_tensor
-from proxytune.registry import STUDENTS
-from proxytune.student import token_cache
+from proxytune.core.contracts import ProxyRecord
+from proxytune.core.images import to_tensor
+from proxytune.core.registry import STUDENTS
+from proxytune.stages.student import token_cache
 
 
 def main() -> None:

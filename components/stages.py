@@ -1,5 +1,6 @@
 """The KFP components: one thin adapter per stage, from artifacts and parameters to one
-`proxytune.steps` call. No ML logic lives here; dependencies come from the image.
+call of `proxytune.stages.steps`, the only module they import. No ML logic lives here;
+dependencies come from the image.
 
 Every component takes the MLflow location and the KFP run id/name, so each stage logs a
 child run under the pipeline run's parent run.
@@ -27,8 +28,7 @@ def plan(
     kfp_run_name: str,
 ) -> list:
     """Validate the run's parameters and subjects before any GPU step; returns the subjects."""
-    from proxytune.steps import plan_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, plan_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     first = {
@@ -53,8 +53,7 @@ def plan_bench(
     kfp_run_name: str,
 ) -> list:
     """Validate a DreamBench-wide run; returns one single-subject group per subject."""
-    from proxytune.steps import plan_bench_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, plan_bench_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     return plan_bench_step(dataset_uri, subjects, preset, overrides, tracking)
@@ -70,8 +69,7 @@ def ingest(
     subject: Output[Dataset],
 ):
     """One planned subject's photos (s3://bucket/prefix or a folder) -> subject Dataset."""
-    from proxytune.steps import ingest_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, ingest_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     subject.metadata.update(ingest_step(planned, subject.path, tracking))
@@ -89,8 +87,7 @@ def tune_supervisor(
     supervisor: Output[Model],
 ):
     """DreamBooth-LoRA of the diffusion supervisor on the subject photos."""
-    from proxytune.steps import tune_supervisor_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, tune_supervisor_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     supervisor.metadata.update(
@@ -101,7 +98,7 @@ def tune_supervisor(
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def proxy_shards(planned: dict, preset: str, overrides: dict) -> list:
     """The proxy generation shards to fan out over: [0, ..., proxy.shards - 1] ([0]: an import)."""
-    from proxytune.steps import proxy_shards_step
+    from proxytune.stages.steps import proxy_shards_step
 
     return proxy_shards_step(planned, preset, overrides)
 
@@ -119,8 +116,7 @@ def generate_proxy(
     proxy: Output[Dataset],
 ):
     """The tuned supervisor draws one shard of the proxy Dataset (resumable, reused by content key)."""
-    from proxytune.steps import generate_proxy_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, generate_proxy_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     proxy.metadata.update(
@@ -142,8 +138,7 @@ def merge_proxy(
 ):
     """The shards of a proxy Dataset joined into one, as an unsharded run draws it (optionally
     only the images most like the subject's photos)."""
-    from proxytune.steps import merge_proxy_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, merge_proxy_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     paths = [part.path for part in parts]
@@ -162,8 +157,7 @@ def tune_student(
     student: Output[Model],
 ):
     """LoRA of the AR student on the proxy Datasets only (one per subject: a joint student)."""
-    from proxytune.steps import tune_student_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, tune_student_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     paths = [proxy.path for proxy in proxies]
@@ -183,8 +177,7 @@ def tune_direct(
 ):
     """The direct-tuning baseline (the student's LoRA on the real photos) when
     evaluation.methods lists direct; returns at once otherwise."""
-    from proxytune.steps import tune_direct_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, tune_direct_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     paths = [subject.path for subject in subjects]
@@ -210,8 +203,7 @@ def evaluate(
 ):
     """CLIP-I / CLIP-T / DINO of the student and the other methods of evaluation.methods on
     DreamBench prompts, with an HTML report and the comparison table as Markdown."""
-    from proxytune.steps import evaluate_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, evaluate_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     scores = evaluate_step(
@@ -244,8 +236,7 @@ def register(
     kfp_run_name: str,
 ) -> str:
     """Register the student in MLflow (alias challenger; champion if the gate passes); returns JSON."""
-    from proxytune.steps import register_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, register_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     return register_step(student.path, samples.path, registered_model_name, preset, overrides, tracking)
@@ -266,8 +257,7 @@ def aggregate(
     bench: Output[Dataset],
 ):
     """The DreamBench-wide table: per-method means over subjects and per-subject rows."""
-    from proxytune.steps import aggregate_step
-    from proxytune.tracking import TrackingContext
+    from proxytune.stages.steps import TrackingContext, aggregate_step
 
     tracking = TrackingContext(mlflow_tracking_uri, mlflow_experiment, kfp_run_id, kfp_run_name)
     paths = [evaluation.path for evaluation in evaluations]

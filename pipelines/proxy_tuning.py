@@ -45,8 +45,8 @@ from components import (
     tune_supervisor,
 )
 from pipelines.cluster import ClusterOptions, schedule
-from proxytune.bench import BENCH_METHODS
-from proxytune.fsutil import replacing
+from proxytune.core.fsutil import replacing
+from proxytune.stages.dreambench import BENCH_METHODS
 
 PIPELINE_NAME = "proxy-tuning"
 CODE_ENV = "PROXYTUNE_CODE"

@@ -21,7 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from browser import chromium, open_page  # noqa: F401 (headless Chromium fixtures)
 
-from proxytune.config import EVAL_METHODS, RunParams
+from proxytune.core.config import RunParams
+from proxytune.core.params import EVAL_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "subjects" / "dog"
@@ -42,7 +43,7 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def subject_dir(session_dir) -> Path:
-    from proxytune.ingest import ingest
+    from proxytune.stages.ingest import ingest
 
     ingest(str(EXAMPLE), session_dir / "subject", "dog")
     return session_dir / "subject"
@@ -50,7 +51,7 @@ def subject_dir(session_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def supervisor_dir(session_dir, subject_dir, params) -> Path:
-    from proxytune.supervisor import tune_supervisor
+    from proxytune.stages.supervisor import tune_supervisor
 
     tune_supervisor(subject_dir, session_dir / "supervisor", params.supervisor, device=CPU)
     return session_dir / "supervisor"
@@ -58,7 +59,7 @@ def supervisor_dir(session_dir, subject_dir, params) -> Path:
 
 @pytest.fixture(scope="session")
 def proxy_dir(session_dir, supervisor_dir, params) -> Path:
-    from proxytune.proxy import generate_proxy
+    from proxytune.stages.proxy import generate_proxy
 
     generate_proxy(supervisor_dir, session_dir / "proxy", params.proxy, device=CPU)
     return session_dir / "proxy"
@@ -66,7 +67,7 @@ def proxy_dir(session_dir, supervisor_dir, params) -> Path:
 
 @pytest.fixture(scope="session")
 def student_dir(session_dir, proxy_dir, params) -> Path:
-    from proxytune.student import tune_student
+    from proxytune.stages.student import tune_student
 
     tune_student(proxy_dir, session_dir / "student", params.student, device=CPU)
     return session_dir / "student"
@@ -178,7 +179,7 @@ def sqlite_tracking(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def direct_dir(session_dir, subject_dir, params) -> Path:
-    from proxytune.baseline import tune_direct
+    from proxytune.stages.baseline import tune_direct
 
     tune_direct([subject_dir], session_dir / "direct", params.student, device=CPU)
     return session_dir / "direct"
@@ -187,7 +188,7 @@ def direct_dir(session_dir, subject_dir, params) -> Path:
 @pytest.fixture(scope="session")
 def evaluation_dir(session_dir, subject_dir, supervisor_dir, student_dir, direct_dir) -> Path:
     """An evaluation of every method: student, supervisor, direct baseline, untuned base."""
-    from proxytune.evaluate import evaluate
+    from proxytune.stages.evaluate import evaluate
 
     methods = RunParams.resolve("tiny", {"evaluation.methods": list(EVAL_METHODS)}).evaluation
     evaluate(

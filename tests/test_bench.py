@@ -7,8 +7,9 @@ import re
 import pytest
 import yaml
 
-from proxytune.bench import aggregate, bench_subjects, read_classes
+from proxytune.analysis.bench import aggregate
 from proxytune.cli import main
+from proxytune.stages.dreambench import bench_subjects, read_classes
 from tests.conftest import REPO
 
 DATASET = REPO / "examples" / "subjects"

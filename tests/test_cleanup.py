@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from proxytune.cleanup import DAY_S, collect_garbage
 from proxytune.cli import main
-from proxytune.runner import WorkdirBusy, workdir_lock
-from proxytune.storage import LocalStore, MinioStore
+from proxytune.core.storage import LocalStore, MinioStore
+from proxytune.ops.cleanup import DAY_S, collect_garbage
+from proxytune.ops.runner import WorkdirBusy, workdir_lock
 
 OLD = time.time() - 30 * DAY_S
 

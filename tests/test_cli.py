@@ -1,8 +1,8 @@
 import pytest
 
 from proxytune.cli import main
-from proxytune.local import local_defaults
-from proxytune.registry import REGISTRIES
+from proxytune.core.registry import REGISTRIES
+from proxytune.ops.local import local_defaults
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 import pytest
 
-from proxytune.config import PRESETS, RunParams, parse_overrides
+from proxytune.core.config import PRESETS, RunParams, parse_overrides
 
 
 def test_tiny_preset_uses_tiny_backends():

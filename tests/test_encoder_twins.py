@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from proxytune.backends._ar import published_config
 from proxytune.backends._base import ModelSource
+from proxytune.backends._checkpoints import published_config
 from proxytune.backends._tokenizers import tiny_clip_tokenizer
-from proxytune.registry import ENCODERS
+from proxytune.core.registry import ENCODERS
 from tests.conftest import CPU, EXAMPLE
 
 

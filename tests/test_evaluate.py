@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops
 
-from proxytune.config import EVAL_METHODS, RunParams
-from proxytune.evaluate import evaluate, read_evaluation
-from proxytune.ingest import load_subject
-from proxytune.metrics import PROTOCOL
-from proxytune.prompts import LIVE_PROMPTS, fill
-from proxytune.registry import ENCODERS
-from proxytune.student import load_student
-from proxytune.tracking import Tracker
+from proxytune.analysis.metrics import PROTOCOL
+from proxytune.backends._tuned import load_student
+from proxytune.core.config import RunParams
+from proxytune.core.params import EVAL_METHODS
+from proxytune.core.prompts import LIVE_PROMPTS, fill
+from proxytune.core.registry import ENCODERS
+from proxytune.core.tracking import Tracker
+from proxytune.stages.evaluate import evaluate, read_evaluation
+from proxytune.stages.ingest import load_subject
 from tests.conftest import CPU
 
 
@@ -225,11 +226,13 @@ def test_variance_samples_zero_turns_the_analysis_off(subject_dir, supervisor_di
 def test_a_missing_encoder_folder_fails_before_any_sampling(
     subject_dir, supervisor_dir, student_dir, tmp_path, monkeypatch
 ):
-    import proxytune.evaluate
+    import proxytune.stages.evaluate
 
     missing = tmp_path / "missing"
     settings = RunParams.resolve("tiny", {"evaluation.dino_source": str(missing)}).evaluation
-    monkeypatch.setattr(proxytune.evaluate, "draw", lambda *a: pytest.fail("sampled before loading encoders"))
+    monkeypatch.setattr(
+        proxytune.stages.evaluate, "draw", lambda *a: pytest.fail("sampled before loading encoders")
+    )
     with pytest.raises(FileNotFoundError, match=re.escape(f"tiny-dino: no folder '{missing}'")):
         evaluate(subject_dir, supervisor_dir, student_dir, tmp_path / "out", settings, device=CPU)
     assert not (tmp_path / "out").exists()
@@ -279,7 +282,7 @@ def test_the_comparison_gives_every_method_and_the_students_gains_over_each(eval
 
 
 def test_a_black_box_supervisor_leaves_the_student_alone_in_the_table():
-    from proxytune.report import markdown_table
+    from proxytune.analysis.report import markdown_table
 
     alone = markdown_table({"student": {"clip_i": 0.5, "clip_t": 0.25, "dino": 0.4}})
     assert alone == (
@@ -291,7 +294,7 @@ def test_a_black_box_supervisor_leaves_the_student_alone_in_the_table():
 def test_the_direct_baseline_is_the_students_lora_trained_on_every_photo(
     direct_dir, student_dir, subject_dir
 ):
-    from proxytune.contracts import read_adapter_card
+    from proxytune.core.contracts import read_adapter_card
 
     direct, student = read_adapter_card(direct_dir, "student"), read_adapter_card(student_dir, "student")
     photos = len(load_subject(subject_dir)[1])
@@ -305,8 +308,8 @@ def test_the_direct_baseline_is_the_students_lora_trained_on_every_photo(
 
 
 def test_the_base_method_samples_the_untuned_model_with_the_same_seeds(evaluation_dir, student_dir, params):
-    from proxytune.contracts import read_adapter_card
-    from proxytune.student import load_base_student
+    from proxytune.backends._tuned import load_base_student
+    from proxytune.core.contracts import read_adapter_card
 
     evaluation = read_evaluation(evaluation_dir)
     (dog,) = evaluation["subjects"]
@@ -369,8 +372,8 @@ def test_bad_method_lists_are_refused(methods, message):
 
 
 def test_the_papers_numbers_apply_only_to_the_same_encoders_and_models():
-    from proxytune.paper import reported_rows
-    from proxytune.report import markdown_table
+    from proxytune.analysis.paper import reported_rows
+    from proxytune.analysis.report import markdown_table
 
     published = {"clip": "clip-vit-b32", "dino": "dino-vits16"}
     rows = reported_rows(["student", "supervisor", "direct"], "lumina-mgpt-7b-768", {"sdxl"}, published)
@@ -419,7 +422,7 @@ def test_the_report_opens_in_a_browser_with_its_table_and_every_picture(evaluati
 
 
 def test_random_weight_models_are_named_as_meaningless_everywhere(evaluation_dir):
-    from proxytune.report import random_note
+    from proxytune.analysis.report import random_note
 
     evaluation = read_evaluation(evaluation_dir)
     assert evaluation["random_weights"] == ["tiny-clip", "tiny-dino", "tiny-janus", "tiny-sd"]

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from proxytune.fsutil import atomic_directory, atomic_write_text, sha256_json
+from proxytune.core.fsutil import atomic_directory, atomic_write_text, sha256_json
 
 
 def test_atomic_directory_appears_only_on_success(tmp_path):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from proxytune.backends._tuned import load_student
 from proxytune.cli import main
-from proxytune.contracts import CARD_FILE
-from proxytune.fsutil import read_json
-from proxytune.registration import register
-from proxytune.student import load_student
-from proxytune.tracking import TrackingContext, stage_run
+from proxytune.core.contracts import CARD_FILE
+from proxytune.core.fsutil import read_json
+from proxytune.core.tracking import TrackingContext, stage_run
+from proxytune.stages.registration import register
 from tests.conftest import CPU
 
 

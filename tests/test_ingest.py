@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proxytune.contracts import Subject
-from proxytune.fsutil import sha256_file
-from proxytune.ingest import IngestError, ingest, load_subject, plan_subjects
+from proxytune.core.contracts import Subject
+from proxytune.core.fsutil import sha256_file
+from proxytune.stages.ingest import IngestError, ingest, load_subject, plan_subjects
 from tests.conftest import EXAMPLE
 
 

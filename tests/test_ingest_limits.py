@@ -11,10 +11,11 @@ import pytest
 from PIL import Image, ImageFile
 
 from proxytune.cli import main
-from proxytune.config import IngestParams, RunParams
-from proxytune.ingest import DEFAULT_LIMITS, IngestError, ingest, load_subject
-from proxytune.proxy import check_proxy_import
-from proxytune.storage import MinioStore
+from proxytune.core.config import RunParams
+from proxytune.core.params import IngestParams
+from proxytune.core.storage import MinioStore
+from proxytune.stages.ingest import DEFAULT_LIMITS, IngestError, ingest, load_subject
+from proxytune.stages.proxy_import import check_proxy_import
 from tests.conftest import EXAMPLE, s3_bucket
 from tests.test_ingest import photo
 

@@ -11,7 +11,7 @@ from proxytune.backends._base import ModelSource
 from proxytune.backends._vqgan import ChameleonVQGAN, convert_checkpoint
 from proxytune.backends.lumina import image_token_codes, image_token_name
 from proxytune.cli import main
-from proxytune.registry import STUDENTS
+from proxytune.core.registry import STUDENTS
 from tests.conftest import CPU
 
 
@@ -160,7 +160,7 @@ def test_checkpoints_that_need_unpickling_code_are_refused(lumina, tmp_path):
 
 
 def test_the_decoder_has_the_names_and_shapes_of_meta_s_checkpoint():
-    from proxytune.backends._ar import published_config
+    from proxytune.backends._checkpoints import published_config
 
     with torch.device("meta"):
         vqgan = ChameleonVQGAN.from_config_dict(published_config("lumina-mgpt-7b-768")["vq_config"])

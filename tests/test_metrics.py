@@ -3,11 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
+from proxytune.analysis.metrics import mean_paired_cosine, mean_pairwise_cosine
 from proxytune.backends._base import pixel_batch
-from proxytune.config import EvalParams
-from proxytune.evaluate import Encoders, Features, References, load_encoder
-from proxytune.metrics import mean_paired_cosine, mean_pairwise_cosine
-from proxytune.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, dreambench_prompts, fill
+from proxytune.core.params import EvalParams
+from proxytune.core.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, dreambench_prompts, fill
+from proxytune.stages.eval_score import Encoders, Features, References, load_encoder
 from tests.conftest import CPU, EXAMPLE
 
 

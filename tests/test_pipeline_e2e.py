@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from proxytune.cli import main
-from proxytune.tracking import KFP_RUN_TAG, ROLE_TAG, STAGE_TAG
+from proxytune.core.tracking import KFP_RUN_TAG, ROLE_TAG, STAGE_TAG
 from tests.conftest import S3_KEYS, s3_bucket
 
 pytestmark = [pytest.mark.servers, pytest.mark.pipeline]

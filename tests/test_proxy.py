@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import proxytune.proxy
+import proxytune.stages.proxy
 from proxytune.backends.stable_diffusion import StableDiffusionSupervisor
-from proxytune.config import ProxyParams
-from proxytune.contracts import ProxyInfo
-from proxytune.proxy import generate_proxy, load_proxy, merge_proxy, read_manifest
-from proxytune.storage import LocalStore
+from proxytune.core.contracts import ProxyInfo, read_manifest
+from proxytune.core.params import ProxyParams
+from proxytune.core.storage import LocalStore
+from proxytune.stages.proxy import generate_proxy, load_proxy, merge_proxy
 from tests.conftest import CPU
 
 SMALL = ProxyParams(num_images=8, batch_size=4, inference_steps=2, shard_size=5)
@@ -83,7 +83,7 @@ def test_the_store_resumes_across_machines_and_reuses_complete_datasets(
     def no_supervisor(*args, **kwargs):
         raise AssertionError("a complete proxy dataset must be reused without loading the supervisor")
 
-    monkeypatch.setattr(proxytune.proxy, "load_supervisor", no_supervisor)
+    monkeypatch.setattr(proxytune.stages.proxy, "load_supervisor", no_supervisor)
     generate_proxy(supervisor_dir, tmp_path / "rerun", SMALL, store=store, device=CPU)
     for record in read_manifest(tmp_path / "pod-2"):
         assert (tmp_path / "rerun" / record.file).read_bytes() == (
@@ -187,9 +187,9 @@ def test_a_prompt_bank_cycles_and_evaluation_prompts_are_marked(supervisor_dir, 
 
 
 def test_an_optional_filter_keeps_the_images_most_like_the_subject(supervisor_dir, subject_dir, tmp_path):
-    from proxytune.ingest import load_subject
-    from proxytune.proxy import Selection
-    from proxytune.registry import ENCODERS
+    from proxytune.core.registry import ENCODERS
+    from proxytune.stages.ingest import load_subject
+    from proxytune.stages.proxy import Selection
 
     generate_proxy(supervisor_dir, tmp_path / "drawn", SMALL, device=CPU)
     encoder = ENCODERS.create("tiny-dino")

@@ -5,13 +5,15 @@ import json
 import pytest
 from PIL import Image, ImageOps
 
-import proxytune.supervisor
-from proxytune.config import ProxyParams
-from proxytune.contracts import SubjectRef, read_adapter_card
-from proxytune.evaluate import evaluate
-from proxytune.ingest import IngestError, decode_photo, ingest
-from proxytune.proxy import check_proxy_import, generate_proxy, import_proxy, load_proxy
-from proxytune.supervisor import load_supervisor, tune_supervisor
+import proxytune.stages.supervisor
+from proxytune.backends._tuned import load_supervisor
+from proxytune.core.contracts import SubjectRef, read_adapter_card
+from proxytune.core.params import ProxyParams
+from proxytune.stages.evaluate import evaluate
+from proxytune.stages.ingest import IngestError, decode_photo, ingest
+from proxytune.stages.proxy import generate_proxy, load_proxy
+from proxytune.stages.proxy_import import check_proxy_import, import_proxy
+from proxytune.stages.supervisor import tune_supervisor
 from tests.conftest import CPU, EXAMPLE, s3_bucket
 
 DOG = SubjectRef(name="dog", identifier="sks", class_noun="dog")
@@ -114,7 +116,7 @@ def test_a_black_box_supervisor_is_recorded_not_trained_and_its_images_imported(
     def no_model(*args, **kwargs):
         raise AssertionError("a black-box supervisor must not load a model")
 
-    monkeypatch.setattr(proxytune.supervisor.SUPERVISORS, "create", no_model)
+    monkeypatch.setattr(proxytune.stages.supervisor.SUPERVISORS, "create", no_model)
     card = tune_supervisor(subject_dir, tmp_path / "supervisor", params.supervisor, device=CPU)
     assert card.imported and card.base_model.id == str(outputs) and card.adapter_files == []
     assert read_adapter_card(tmp_path / "supervisor", "supervisor") == card

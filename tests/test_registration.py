@@ -14,8 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from proxytune.config import RegistryParams
-from proxytune.registration import (
+from proxytune.core.params import RegistryParams
+from proxytune.core.tracking import TrackingContext, stage_run
+from proxytune.stages.registration import (
     CHAMPION,
     PREVIOUS,
     alias_version,
@@ -26,7 +27,6 @@ from proxytune.registration import (
     register,
     rollback,
 )
-from proxytune.tracking import TrackingContext, stage_run
 from tests.conftest import BIN
 
 FAST = RegistryParams(settle_seconds=0.5)
@@ -259,7 +259,7 @@ def test_mlflow_models_predict_serves_images_with_the_given_params(served, mlflo
 
 def test_register_needs_mlflow(student_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from proxytune.tracking import Tracker
+    from proxytune.core.tracking import Tracker
 
     with pytest.raises(ValueError, match="register needs MLflow"):
         register(student_dir, evaluation(0.5, 0.5), "m", TrackingContext(), Tracker())

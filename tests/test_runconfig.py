@@ -7,10 +7,10 @@ import textwrap
 import pytest
 
 from proxytune.cli import main
-from proxytune.config import RunParams
-from proxytune.ingest import plan_subjects
-from proxytune.local import run_local
-from proxytune.runconfig import load_run_config
+from proxytune.core.config import RunParams
+from proxytune.ops.local import run_local
+from proxytune.ops.runconfig import load_run_config
+from proxytune.stages.ingest import plan_subjects
 from tests.conftest import EXAMPLE, REPO, s3_bucket
 from tests.kfp_fake import serve_kubeflow
 
@@ -121,14 +121,14 @@ def requests(monkeypatch):
     """The requests `run` hands the supervised runner (`run_local`'s arguments), instead of
     running the pipeline; the photos and servers are not checked."""
     sent = []
-    monkeypatch.setattr("proxytune.local.check_run", lambda config: None)
-    monkeypatch.setattr("proxytune.runner.check_servers", lambda tracking_uri: None)
+    monkeypatch.setattr("proxytune.ops.local.check_run", lambda config: None)
+    monkeypatch.setattr("proxytune.ops.runner.check_servers", lambda tracking_uri: None)
 
     def supervised(request, workdir, tracking_uri, console, verbose=False):
         sent.append(request)
         return "succeeded", {}
 
-    monkeypatch.setattr("proxytune.runner.run_supervised", supervised)
+    monkeypatch.setattr("proxytune.ops.runner.run_supervised", supervised)
     monkeypatch.setattr("proxytune.cli._print_summary", lambda summary: None)
     return sent
 

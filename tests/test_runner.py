@@ -9,7 +9,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from proxytune.runner import StepView, WorkdirBusy, failure_cause, workdir_lock
+from proxytune.ops.runner import StepView, WorkdirBusy, failure_cause, workdir_lock
 
 # kfp.local's own lines (colour codes and all), as a run prints them
 OUTPUT = """\
@@ -88,7 +88,7 @@ def test_servers_that_do_not_answer_are_refused_in_one_line_without_credentials(
     import http.server
     import threading
 
-    from proxytune.runner import check_servers
+    from proxytune.ops.runner import check_servers
     from tests.conftest import free_port
 
     monkeypatch.delenv("PROXYTUNE_S3_ENDPOINT_URL", raising=False)

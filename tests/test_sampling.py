@@ -9,7 +9,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from proxytune.sampling import Sampling, code_distribution, draw, seed_uniforms
+from proxytune.core.sampling import Sampling, code_distribution, draw, seed_uniforms
 
 
 def reference_probs(cond, uncond, sampling: Sampling) -> torch.Tensor:

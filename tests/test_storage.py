@@ -1,7 +1,7 @@
 import pytest
 
-from proxytune.ingest import ingest
-from proxytune.storage import LocalStore, MinioStore, open_s3_uri, store_from_env
+from proxytune.core.storage import LocalStore, MinioStore, open_s3_uri, store_from_env
+from proxytune.stages.ingest import ingest
 from tests.conftest import EXAMPLE, s3_bucket
 
 

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 import proxytune.backends._ar as ar
 from proxytune.backends._ar import ARStudent
 from proxytune.backends._base import ModelSource
-from proxytune.config import EvalParams
-from proxytune.contracts import SubjectRef, read_adapter_card
-from proxytune.proxy import load_proxy
-from proxytune.registry import STUDENTS
-from proxytune.storage import LocalStore
-from proxytune.student import holdout_split, load_student, token_cache, tune_student
+from proxytune.backends._tuned import load_student
+from proxytune.core.contracts import SubjectRef, read_adapter_card
+from proxytune.core.params import EvalParams
+from proxytune.core.registry import STUDENTS
+from proxytune.core.storage import LocalStore
+from proxytune.stages.proxy import load_proxy
+from proxytune.stages.student import holdout_split, token_cache, tune_student
 from tests.conftest import CPU
 
 
@@ -269,9 +270,9 @@ def second_proxy_dir(params, tmp_path_factory):
     """A second subject (mirrored dog photos, identifier ohwx) through supervisor and proxy."""
     from PIL import Image, ImageOps
 
-    from proxytune.ingest import ingest
-    from proxytune.proxy import generate_proxy
-    from proxytune.supervisor import tune_supervisor
+    from proxytune.stages.ingest import ingest
+    from proxytune.stages.proxy import generate_proxy
+    from proxytune.stages.supervisor import tune_supervisor
     from tests.conftest import EXAMPLE
 
     root = tmp_path_factory.mktemp("second")
@@ -321,7 +322,7 @@ def test_prompt_batches_pad_to_a_fixed_multiple_so_neighbours_rarely_matter(janu
 def test_transparent_proxy_images_are_encoded_as_on_white():
     from PIL import Image
 
-    from proxytune.images import to_tensor
+    from proxytune.core.images import to_tensor
 
     clear = Image.new("RGBA", (8, 8), (10, 200, 30, 0))
     assert torch.equal(to_tensor([clear], 8), torch.ones(1, 3, 8, 8))

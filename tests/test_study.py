@@ -16,8 +16,8 @@ import pytest
 from browser import REQUIRE_ENV, browser_unavailable, chromium_executable, screenshot
 from PIL import Image
 
+from proxytune.analysis.study import CRITERION_KEYS, analyze_answers, export_study, write_rows_csv
 from proxytune.cli import main
-from proxytune.study import CRITERION_KEYS, analyze_answers, export_study, write_rows_csv
 
 METHODS = ("student", "supervisor", "direct", "base")
 TEMPLATES = ("a {} {} in the snow", "a {} {} on the beach", "a red {} {}")
@@ -33,7 +33,7 @@ SHIFT = {"p1": {"dog": 0, "cat": 0, "teapot": 0}, "p2": {"dog": -1, "cat": 0, "t
 
 
 def make_run(root: Path, subjects: dict[str, tuple[str, ...]], seed: int) -> Path:
-    """An evaluation folder as `proxytune.evaluate` writes it: random PNGs, evaluation.json."""
+    """An evaluation folder as `proxytune.stages.evaluate` writes it: random PNGs, evaluation.json."""
     rng = np.random.default_rng(seed)
 
     def png(file: str) -> None:

@@ -9,8 +9,8 @@ import pytest
 from mlflow import MlflowClient
 
 from proxytune.cli import main
-from proxytune.submit import kfp_cron
-from proxytune.tracking import KFP_RUN_TAG
+from proxytune.core.tracking import KFP_RUN_TAG
+from proxytune.ops.submit import kfp_cron
 from tests.kfp_fake import API, serve_kubeflow
 
 IMAGE = "registry.example/proxytune:abc1234"

@@ -4,14 +4,15 @@ import torch
 
 from proxytune.backends._base import ModelSource
 from proxytune.backends._diffusion import repeat
-from proxytune.contracts import AdapterCard, SubjectRef, read_adapter_card
-from proxytune.fsutil import sha256_file
-from proxytune.images import to_tensor
-from proxytune.ingest import load_subject
-from proxytune.registry import SUPERVISORS
-from proxytune.supervisor import EVAL_SEEDS, load_supervisor
-from proxytune.tracking import Tracker
-from proxytune.training import fixed_loss, train_lora
+from proxytune.backends._tuned import load_supervisor
+from proxytune.core.contracts import AdapterCard, SubjectRef, read_adapter_card
+from proxytune.core.fsutil import sha256_file
+from proxytune.core.images import to_tensor
+from proxytune.core.registry import SUPERVISORS
+from proxytune.core.tracking import Tracker
+from proxytune.stages.ingest import load_subject
+from proxytune.stages.supervisor import EVAL_SEEDS
+from proxytune.stages.training import fixed_loss, train_lora
 from tests.conftest import CPU
 
 

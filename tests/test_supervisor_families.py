@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from proxytune.backends._diffusion import repeat
-from proxytune.contracts import read_adapter_card
-from proxytune.proxy import generate_proxy, load_proxy
-from proxytune.registry import SUPERVISORS
-from proxytune.supervisor import tune_supervisor
-from proxytune.tracking import Tracker
-from proxytune.training import fixed_loss, train_lora
+from proxytune.core.contracts import read_adapter_card
+from proxytune.core.registry import SUPERVISORS
+from proxytune.core.tracking import Tracker
+from proxytune.stages.proxy import generate_proxy, load_proxy
+from proxytune.stages.supervisor import tune_supervisor
+from proxytune.stages.training import fixed_loss, train_lora
 from tests.conftest import CPU
 
 FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]

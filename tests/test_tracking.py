@@ -3,7 +3,15 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-from proxytune.tracking import KFP_RUN_TAG, PARENT_TAG, Tracker, TrackingContext, flatten, redact, stage_run
+from proxytune.core.tracking import (
+    KFP_RUN_TAG,
+    PARENT_TAG,
+    Tracker,
+    TrackingContext,
+    flatten,
+    redact,
+    stage_run,
+)
 
 
 def test_stages_of_one_pipeline_run_share_a_parent(sqlite_tracking):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from proxytune.contracts import read_adapter_card
-from proxytune.storage import LocalStore
-from proxytune.supervisor import tune_supervisor
-from proxytune.tracking import TrackingContext, stage_run
-from proxytune.training import Checkpoints, train_lora
+from proxytune.core.contracts import read_adapter_card
+from proxytune.core.storage import LocalStore
+from proxytune.core.tracking import TrackingContext, stage_run
+from proxytune.stages.supervisor import tune_supervisor
+from proxytune.stages.training import Checkpoints, train_lora
 from tests.conftest import CPU
 
 STEPS = 20

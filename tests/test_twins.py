@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import proxytune.backends._ar as ar
-from proxytune.backends._ar import nearest_codes, published_config
+from proxytune.backends._ar import nearest_codes
 from proxytune.backends._base import ModelSource
-from proxytune.config import PRESETS
-from proxytune.images import to_tensor
-from proxytune.registry import STUDENTS
+from proxytune.backends._checkpoints import published_config
+from proxytune.core.config import PRESETS
+from proxytune.core.images import to_tensor
+from proxytune.core.registry import STUDENTS
 from tests.conftest import CPU, EXAMPLE
 
 JANUS_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
@@ -213,7 +214,7 @@ SUPERVISOR_TWINS = {
 @pytest.fixture(scope="module", params=sorted(SUPERVISOR_TWINS))
 def supervisor_twin(request, tmp_path_factory):
     """(name, pipeline loaded back from the saved diffusers folder, in bf16, the folder)."""
-    from proxytune.registry import SUPERVISORS
+    from proxytune.core.registry import SUPERVISORS
 
     backend, folder = saved_and_reloaded(SUPERVISORS, request.param, tmp_path_factory)
     backend.pipe.to(dtype=torch.bfloat16)  # as on a GPU; halves what the CPU moves
@@ -241,7 +242,7 @@ def test_supervisor_twins_are_their_published_pipelines_in_the_diffusers_layout(
 
 
 def test_supervisor_twins_train_one_lora_step_at_native_size_and_round_trip(supervisor_twin, tmp_path):
-    from proxytune.registry import SUPERVISORS
+    from proxytune.core.registry import SUPERVISORS
 
     name, backend, folder = supervisor_twin
     resolution, targets = SUPERVISOR_TWINS[name]

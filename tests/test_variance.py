@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from proxytune.variance import Spread, centroid_distances, histograms, plot_variance, total_variance
+from proxytune.analysis.variance import Spread, centroid_distances, histograms, plot_variance, total_variance
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RED, BLUE = (214, 39, 40), (31, 119, 180)  # matplotlib's tab:red (supervisor), tab:blue (student)

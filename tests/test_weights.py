@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import proxytune.storage
+import proxytune.core.storage
 from proxytune.backends._base import ModelSource
-from proxytune.storage import MinioStore
-from proxytune.weights import stage_weights
+from proxytune.core.storage import MinioStore
+from proxytune.core.weights import stage_weights
 
 MB = 1 << 20
 
@@ -102,6 +102,6 @@ def test_an_interrupted_staging_resumes_where_it_stopped(s3_env, tmp_path, monke
     assert offsets == [("model/a.json", 0), ("model/b.bin", 0)]
     offsets.clear()
     folder = Path(stage_weights("s3://models/model"))
-    assert offsets == [("model/b.bin", 2 * proxytune.storage.CHUNK)]  # a.json kept, b.bin resumed
+    assert offsets == [("model/b.bin", 2 * proxytune.core.storage.CHUNK)]  # a.json kept, b.bin resumed
     assert sha256(folder / "b.bin") == digest and (folder / "a.json").read_bytes() == b"{}"
     assert not list(folder.parent.glob("*.partial")) and not list(folder.rglob(".*.part"))

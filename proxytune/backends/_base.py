@@ -1,6 +1,6 @@
 """What a backend of each kind provides, and helpers they share.
 
-The stage code (`proxytune.supervisor`, `proxytune.student`, `proxytune.evaluate`) is
+The stage code (`proxytune.stages.supervisor`, `proxytune.stages.student`, `proxytune.stages.evaluate`) is
 model-agnostic: it owns loops, batching, caching, logging and file formats; a family
 module only says how to load its model, encode, compute its loss and sample. The AR
 students' shared core (prompts, loss, the sampling loop) is `proxytune.backends._ar`.
@@ -42,7 +42,7 @@ class ModelSource:
 
     def local_or_hub(self) -> str:
         """A path or hub id that `from_pretrained` accepts (s3:// sources are staged first)."""
-        from proxytune.weights import stage_weights
+        from proxytune.core.weights import stage_weights
 
         return stage_weights(self.id) if self.id.startswith("s3://") else self.id
 
@@ -139,8 +139,11 @@ def _loaded_revision(path: str | None, revision: str | None) -> str | None:
     None for a tiny model built from its config."""
     if path is None:
         return None
-    if Path(path).is_dir():
-        return "local"
+    return "local" if Path(path).is_dir() else hub_commit(path, revision)
+
+
+def hub_commit(path: str, revision: str | None) -> str | None:
+    """The commit of hub weights, from the cache path their config was read from."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
     return extract_commit_hash(cached_file(path, "config.json", revision=revision), None) or revision

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proxytune.backends._ar import published_config, random_config_name
 from proxytune.backends._base import ModelSource, seeded, training_dtype, write_adapter_config
+from proxytune.backends._checkpoints import published_config, random_config_name
 from proxytune.backends._tokenizers import byte_level_tokenizer, tiny_clip_tokenizer
 
 log = logging.getLogger(__name__)

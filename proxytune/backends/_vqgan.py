@@ -175,7 +175,7 @@ def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, out_dir:
     (`loss.*`, the discriminator) are dropped, every model weight must be there."""
     import yaml
 
-    from proxytune.fsutil import atomic_directory
+    from proxytune.core.fsutil import atomic_directory
 
     params = yaml.safe_load(Path(config_yaml).read_text())["model"]["params"]
     values = {

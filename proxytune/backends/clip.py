@@ -11,7 +11,7 @@ from PIL import Image
 
 from proxytune.backends._base import ImageEncoder, ModelSource, pixel_batch, seeded
 from proxytune.backends._tokenizers import tiny_clip_tokenizer
-from proxytune.registry import ENCODERS
+from proxytune.core.registry import ENCODERS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from proxytune.backends._base import ImageEncoder, ModelSource, pixel_batch, seeded
-from proxytune.registry import ENCODERS
+from proxytune.core.registry import ENCODERS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from proxytune.backends._ar import published_config
 from proxytune.backends._base import ModelSource
+from proxytune.backends._checkpoints import published_config
 from proxytune.backends._diffusion import Conditioning, DiffusionSupervisor, Recipe
 from proxytune.backends.sd3 import LORA_TARGETS
-from proxytune.registry import SUPERVISORS
+from proxytune.core.registry import SUPERVISORS
 
 TRAINING_GUIDANCE = 3.5
 T5_TOKENS = 512

@@ -21,17 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from proxytune.backends._ar import (
-    ARStudent,
-    ImageBlock,
-    load_pretrained,
-    published_config,
-    random_config_name,
-)
+from proxytune.backends._ar import ARStudent, ImageBlock
 from proxytune.backends._base import ModelSource, seeded
+from proxytune.backends._checkpoints import load_pretrained, published_config, random_config_name
 from proxytune.backends._tokenizers import byte_level_tokenizer
-from proxytune.registry import STUDENTS
-from proxytune.sampling import Sampling
+from proxytune.core.registry import STUDENTS
+from proxytune.core.sampling import Sampling
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from proxytune.backends._ar import published_config
 from proxytune.backends._base import ModelSource
+from proxytune.backends._checkpoints import published_config
 from proxytune.backends._diffusion import Conditioning, DiffusionSupervisor, Recipe
-from proxytune.registry import SUPERVISORS
+from proxytune.core.registry import SUPERVISORS
 
 
 class SDXLSupervisor(DiffusionSupervisor):

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from proxytune.backends._ar import published_config
 from proxytune.backends._base import ModelSource
+from proxytune.backends._checkpoints import published_config
 from proxytune.backends._diffusion import Conditioning, DiffusionSupervisor, Recipe
-from proxytune.registry import SUPERVISORS
+from proxytune.core.registry import SUPERVISORS
 
 
 class StableDiffusionSupervisor(DiffusionSupervisor):

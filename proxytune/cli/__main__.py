@@ -1,0 +1,7 @@
+"""`python -m proxytune.cli`: the `proxytune` command."""
+
+import sys
+
+from proxytune.cli import main
+
+sys.exit(main())
