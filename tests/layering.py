@@ -77,7 +77,9 @@ def violations(
     packages = sorted({layer.split(".")[0] for layer in rules})
     known = modules(root, packages)
     roots = [layer for layer in rules if "." not in layer and any(o.startswith(layer + ".") for o in rules)]
-    problems = [f"{path}: {name} is in no layer" for name, path in known.items() if not layer_of(name, rules, roots)]
+    problems = [
+        f"{path}: {name} is in no layer" for name, path in known.items() if not layer_of(name, rules, roots)
+    ]
     for name, path in known.items():
         here = layer_of(name, rules, roots)
         if here is None:

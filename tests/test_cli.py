@@ -102,13 +102,14 @@ def test_an_unwritable_output_is_one_line_and_debug_shows_the_traceback(tmp_path
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
-    import proxytune.cli
+    import proxytune.cli.tools
+    from proxytune.cli.console import INTERRUPTED
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(proxytune.cli, "_backends", interrupted)
-    assert main(["backends"]) == proxytune.cli.INTERRUPTED == 130
+    monkeypatch.setattr(proxytune.cli.tools, "_backends", interrupted)
+    assert main(["backends"]) == INTERRUPTED == 130
     assert capsys.readouterr().out == "interrupted\n"
 
 
@@ -153,6 +154,9 @@ def test_a_bad_parameter_is_refused_in_a_fresh_process_before_the_model_librarie
         "print(code, *(m in sys.modules for m in ('transformers', 'diffusers', 'kfp', 'mlflow')))"
     )
     began = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, pydantic, rich"], check=True)
+    bare = time.monotonic() - began  # what any proxytune process pays; seconds on a slow machine
+    began = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", probe, "run", "--set", "proxy.num_images=0", "--workdir", str(tmp_path / "w")],
         capture_output=True,
@@ -160,4 +164,4 @@ def test_a_bad_parameter_is_refused_in_a_fresh_process_before_the_model_librarie
     )
     took = time.monotonic() - began
     assert done.stdout.splitlines()[-1] == "2 False False False False", done.stdout + done.stderr
-    assert took < 2.0 and not (tmp_path / "w").exists()
+    assert took < bare + 1.0 and not (tmp_path / "w").exists()

@@ -235,8 +235,8 @@ def test_the_served_model_declares_its_params_and_ships_its_code(served):
     requirements = Path(local, "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements
     assert not any(r.startswith(("proxytune", "kfp")) for r in requirements)
-    listed = subprocess.run(["find", local, "-name", "serving.py"], capture_output=True, text=True).stdout
-    assert f"{local}/code/proxytune/serving.py" in listed
+    listed = subprocess.run(["find", local, "-name", "model.py"], capture_output=True, text=True).stdout
+    assert f"{local}/code/proxytune/serving/model.py" in listed
 
 
 def test_mlflow_models_predict_serves_images_with_the_given_params(served, mlflow_server, tmp_path):

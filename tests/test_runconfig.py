@@ -129,7 +129,7 @@ def requests(monkeypatch):
         return "succeeded", {}
 
     monkeypatch.setattr("proxytune.ops.runner.run_supervised", supervised)
-    monkeypatch.setattr("proxytune.cli._print_summary", lambda summary: None)
+    monkeypatch.setattr("proxytune.cli.runs._print_summary", lambda summary: None)
     return sent
 
 

@@ -1,5 +1,5 @@
-"""The paper's reported DreamBench numbers (PAPER.md), kept as data, shown beside a run's own
-scores when the run used the same models, so a user sees at once how far a reproduction is.
+"""The paper's reported DreamBench numbers (Wu et al., arXiv 2503.10125), kept as data, shown
+beside a run's own scores when the run used the same models, so a user sees at once how far a reproduction is.
 
 A reported row applies when the run used the published evaluation encoders (CLIP ViT-B/32,
 DINO ViT-S/16) and the row's method, AR family and supervisor backend; rows that describe

@@ -1,6 +1,7 @@
 """Janus / Janus-Pro students (transformers `JanusForConditionalGeneration`).
 
-Token layout (AR-MODELS.md): BOS, "<|User|>: {prompt}\\n\\n<|Assistant|>:", `<begin_of_image>`,
+Token layout (deepseek-ai/Janus's reference code): BOS,
+"<|User|>: {prompt}\\n\\n<|Assistant|>:", `<begin_of_image>`,
 then the 576 VQ codes of a 384 px image (24 x 24), predicted by `generation_head` on the
 language model's hidden states and fed back through `generation_embeddings` + aligner. The
 unconditional prompt (CFG) keeps BOS and `<begin_of_image>` and puts the `<｜▁pad▁｜>` token

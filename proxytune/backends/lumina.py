@@ -1,7 +1,7 @@
 """Lumina-mGPT students: the Chameleon architecture (transformers `ChameleonForConditionalGeneration`)
 with Chameleon's VQGAN, in Lumina-mGPT's image token layout.
 
-Sequence (Alpha-VLLM/Lumina-mGPT; AR-MODELS.md):
+Sequence (Alpha-VLLM/Lumina-mGPT's reference code):
     <s> "Generate an image of 768x768 according to the following prompt:\\n{prompt}" <reserved08706>
     <racm3:break> <height> <width>  48 x (48 image tokens, <reserved08799>)  <eoss> <reserved08706>
 - Image tokens are the vocabulary entries named `IMGIMG<digits as letters A-J>Z`; the code of

@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "methods": ["student", "supervisor", "direct"],
         },
     },
-    # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (PAPER.md).
+    # GPU settings after the paper and the diffusers DreamBooth-LoRA recipe (Wu et al., arXiv 2503.10125).
     "paper": {
         "supervisor": {"backend": "sdxl"},
         "proxy": {"num_images": 1000, "batch_size": 8},

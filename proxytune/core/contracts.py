@@ -1,4 +1,4 @@
-"""The files inside each KFP artifact (DESIGN.md, "Artifact contracts"), as validated models.
+"""The files inside each KFP artifact (README, "Artifacts"), as validated models.
 
 Every stage reads its inputs through these, so a malformed or foreign artifact fails with
 a message naming the file instead of deep inside a model.
@@ -162,10 +162,12 @@ class ProxyInfo(_Contract):
 
 
 def proxy_file(index: int, shard_size: int) -> str:
+    """Where proxy image `index` lies in its Dataset: `shard_size` images per shard folder."""
     return f"shard-{index // shard_size:05d}/{index:06d}.png"
 
 
 def read_manifest(dataset_dir: str | Path) -> list[ProxyRecord]:
+    """A proxy Dataset's `manifest.jsonl`, one record per image on disk (none yet: empty)."""
     path = Path(dataset_dir) / MANIFEST_FILE
     if not path.is_file():
         return []
@@ -178,6 +180,7 @@ def write_manifest_text(records: list[ProxyRecord]) -> str:
 
 
 def write_manifest(dataset_dir: Path, records: list[ProxyRecord]) -> str:
+    """Replace the manifest at once (never half-written); returns its text."""
     text = write_manifest_text(records)
     atomic_write_text(dataset_dir / MANIFEST_FILE, text)
     return text
