@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from kfp import dsl, kubernetes
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.base import BASE_IMAGE
 
@@ -28,7 +28,18 @@ GPU_RESOURCE = "nvidia.com/gpu"
 CACHE_MOUNT = "/cache"
 GPU_TIMEOUT_S = 24 * 3600
 CPU_TIMEOUT_S = 3600
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|[KMGTP]i?)?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|[KMGTP]i?)?$")
+_SCALE = {"m": 1e-3, "": 1} | {
+    unit: base**power
+    for power, letter in enumerate("KMGTP", start=1)
+    for unit, base in ((letter, 1000), (f"{letter}i", 1024))
+}
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity (`500m`, `4`, `96Gi`, `1.5G`) as a number of cores or bytes."""
+    number, unit = _QUANTITY.match(value).groups()
+    return float(number) * _SCALE[unit or ""]
 
 
 class Resources(BaseModel):
@@ -48,6 +59,18 @@ class Resources(BaseModel):
         if not _QUANTITY.match(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
         return value
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Resources:
+        """Kubernetes rejects a pod whose request exceeds its limit, hours into a run: refuse it
+        at compile time."""
+        for field in ("cpu", "memory"):
+            request, limit = getattr(self, field), getattr(self, f"{field}_limit")
+            if quantity(request) > quantity(limit):
+                raise ValueError(
+                    f"{field} request {request} is above its limit {limit}: raise {field}_limit too"
+                )
+        return self
 
 
 def _cpu(gb: int, cores: int, gpus: int = 0) -> Resources:
@@ -116,7 +139,14 @@ class ClusterOptions(BaseModel):
                 fields = ", ".join(Resources.model_fields)
                 raise ValueError(f"unknown resource field {field!r}; fields are {fields}")
             resources[step][field] = value
-        return ClusterOptions.model_validate({**self.model_dump(), "resources": resources})
+        try:
+            return ClusterOptions.model_validate({**self.model_dump(), "resources": resources})
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg'].removeprefix('Value error, ')}"
+                for e in error.errors(include_url=False)
+            )
+            raise ValueError(f"invalid --resource: {problems}") from None
 
 
 def schedule(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:

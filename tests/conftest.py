@@ -201,3 +201,52 @@ def evaluation_dir(session_dir, subject_dir, supervisor_dir, student_dir, direct
         direct_dir=direct_dir,
     )
     return session_dir / "evaluation"
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (package `postgresql`), newest version first."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on 127.0.0.1 with password authentication; returns a function
+    that creates a role (superuser) and its database and gives back (host, port). Skipped where
+    PostgreSQL is not installed, unless PROXYTUNE_REQUIRE_POSTGRES=1 (`.ci/run` installs it)."""
+    import shutil
+    import tempfile
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("PROXYTUNE_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required here: apt-get install postgresql")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    # initdb refuses root: run the server as Debian's `postgres` user in a folder it owns.
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="proxytune-pg-"))
+    superuser, password = "proxytune", "proxytune-test-postgres"
+    (home / "pw").write_text(password)
+    if as_owner:
+        shutil.chown(home, "postgres")
+        shutil.chown(home / "pw", "postgres")
+    data, port = home / "data", free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_owner, str(bin_dir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    pg("initdb", "-D", str(data), "-U", superuser, "--auth=scram-sha-256", f"--pwfile={home / 'pw'}")
+    pg("pg_ctl", "-D", str(data), "-l", str(home / "server.log"), "-w", "start",
+       "-o", f"-h 127.0.0.1 -p {port} -k {home}")  # fmt: skip
+    admin = {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": superuser, "PGPASSWORD": password}
+
+    def create(user: str, user_password: str, database: str) -> tuple[str, int]:
+        role = f"CREATE ROLE \"{user}\" LOGIN SUPERUSER PASSWORD '{user_password}'"
+        env = {**os.environ, **admin}
+        subprocess.run([bin_dir / "psql", "-dpostgres", "-c", role], env=env, check=True, capture_output=True)
+        subprocess.run([bin_dir / "createdb", "-O", user, database], env=env, check=True, capture_output=True)
+        return "127.0.0.1", port
+
+    yield create
+    pg("pg_ctl", "-D", str(data), "-m", "fast", "stop")
+    shutil.rmtree(home, ignore_errors=True)

@@ -33,6 +33,7 @@ class FakeKubeflow(BaseHTTPRequestHandler):
     states: list[str]  # what each get-run answers, in turn; the last one repeats
     recurring_runs: dict[str, dict]  # id -> create request body
     requests: list[tuple[str, str]]
+    version: str = "2.15.0"  # the backend release healthz reports (`tag_name`)
     refuse: bool = False  # answer every POST with 403
     fail_gets: int = 0  # answer this many get-run requests with 503 first
 
@@ -58,7 +59,7 @@ class FakeKubeflow(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         self.requests.append(("GET", url.path))
         if url.path == f"{API}/healthz":
-            return self._reply(200, {"multi_user": False})
+            return self._reply(200, {"commit_sha": "0" * 40, "tag_name": self.version, "multi_user": False})
         if url.path == f"{API}/pipelines":
             name = self._named(url.query)
             found = (

@@ -2,6 +2,8 @@
 engine runs here, so the image itself is built only where one does: `make image`)."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 
@@ -78,3 +80,17 @@ def test_the_image_is_offline_by_default_and_carries_no_credentials():
     assert "HF_HUB_OFFLINE=1" in environment and "HF_HOME=/cache/huggingface" in environment
     assert not re.search(r"(KEY|SECRET|TOKEN|PASSWORD)\w*=", environment, re.IGNORECASE)
     assert not instructions("ARG")  # nothing secret can be passed into a layer
+
+
+def test_the_image_environment_turns_mlflow_telemetry_off_and_gitpython_quiet_without_git(tmp_path):
+    """A Python started with only the Dockerfile's ENV and a PATH without git, as in the image."""
+    environment = dict(item.split("=", 1) for item in " ".join(instructions("ENV")).split())
+    check = (
+        "import git, sys\n"
+        "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+        "sys.exit(0 if is_telemetry_disabled() else 3)"
+    )
+    for env, expected in (({}, False), (environment, True)):
+        env = {**env, "PATH": str(tmp_path), "HOME": str(tmp_path)}
+        result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+        assert (result.returncode == 0 and not result.stderr) == expected, result.stderr[-500:]

@@ -30,6 +30,7 @@ from pipelines.cluster import (
     SECRET_ENV,
     ClusterOptions,
 )
+from tests.conftest import BIN, free_port, s3_bucket, start_server, stop
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -680,3 +681,57 @@ def test_kubeflow_overlay_binds_the_runner_service_account_to_a_role_with_what_k
     assert [n for n in needed if not allowed(*n)] == []
     assert not any("*" in rule.get("resources", []) for rule in role["rules"])
     assert not [o for o in rendered["standalone"] if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
+
+
+# -- the MLflow server as the manifest starts it -------------------------------------------------
+
+
+def _as_started_here(text: str, addresses: dict[str, str]) -> str:
+    for cluster_address, local_address in addresses.items():
+        text = text.replace(cluster_address, local_address)
+    return text
+
+
+def test_mlflow_server_started_as_the_manifest_says_stores_runs_in_postgresql_and_artifacts_in_s3(
+    rendered, postgres_server, s3_endpoint, tmp_path
+):
+    """The Deployment's command, args and env, expanded as the kubelet expands them, run against
+    a real PostgreSQL and the S3 test server; only the Services' addresses (and the pod's /tmp)
+    are mapped to their local counterparts. A run with an artifact goes in and comes back."""
+    from mlflow import MlflowClient
+
+    objs = rendered["kubeflow"]
+    container = _container(objs, "Deployment", "mlflow", "mlflow")
+    env = _env(container, objs, "kubeflow")
+    db = TEST_ENV["postgres.env"]
+    pg_host, pg_port = postgres_server(db["user"], db["password"], db["database"])
+    s3_bucket(s3_endpoint, "mlflow")
+    port = free_port()
+    addresses = {
+        "mlflow-postgres:5432": f"{pg_host}:{pg_port}",
+        "http://minio:9000": s3_endpoint,
+        "--host=0.0.0.0": "--host=127.0.0.1",
+        "--port=5000": f"--port={port}",
+        "/tmp": str(tmp_path),
+    }
+    env = {name: _as_started_here(value, addresses) for name, value in env.items()}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
+    executable, *rest = container["command"]
+    command = [str(BIN / executable), *rest, *(_as_started_here(arg, addresses) for arg in args)]
+    assert _as_started_here(container["workingDir"], addresses) == str(tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(command, f"{url}/health", env, tmp_path / "server.log", 120)
+    try:
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("manifest-check"))
+        client.log_metric(run.info.run_id, "clip_i", 0.81)
+        (tmp_path / "scores.json").write_text('{"clip_i": 0.81}')
+        client.log_artifact(run.info.run_id, str(tmp_path / "scores.json"))
+        stored = client.get_run(run.info.run_id)
+        fetched = client.download_artifacts(run.info.run_id, "scores.json", str(tmp_path / "back"))
+    finally:
+        stop(server)
+    assert stored.data.metrics == {"clip_i": 0.81}
+    assert Path(fetched).read_text() == '{"clip_i": 0.81}'
+    in_s3 = s3_bucket(s3_endpoint, "mlflow").list_objects("mlflow", prefix="artifacts/", recursive=True)
+    assert any(obj.object_name.endswith(f"{run.info.run_id}/artifacts/scores.json") for obj in in_s3)

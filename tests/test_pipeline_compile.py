@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from components.base import BASE_IMAGE
-from pipelines.cluster import DEFAULT_RESOURCES, MODEL_STEPS, ClusterOptions
+from pipelines.cluster import DEFAULT_RESOURCES, MODEL_STEPS, ClusterOptions, quantity
 from proxytune.cli import main
 from tests.conftest import REPO
 
@@ -194,6 +194,8 @@ def test_steps_that_load_models_mount_the_model_cache_and_stay_offline(compiled)
         (["--resource=train.cpu=1"], "unknown step 'train'"),
         (["--resource=evaluate.memory=lots"], "'lots' is not a Kubernetes quantity"),
         (["--resource=evaluate"], "--resource expects STEP.FIELD=VALUE"),
+        (["--resource=evaluate.memory=128Gi"], "evaluate: memory request 128Gi is above its limit 96Gi"),
+        (["--resource=plan.cpu=1500m", "--resource=plan.cpu_limit=1.2"], "plan: cpu request 1500m is above"),
         (["--gpu-node-selector=pool"], "expected KEY=VALUE, got 'pool'"),
     ],
 )
@@ -201,6 +203,19 @@ def test_bad_cluster_options_are_refused_naming_the_option(tmp_path, capsys, arg
     assert main(["compile", "-o", str(tmp_path / "p.yaml"), *arguments]) == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("500m", 0.5), ("4", 4), ("1.5", 1.5), ("96Gi", 96 * 2**30), ("1G", 1e9), ("512Mi", 2**29), ("2K", 2e3)],
+)
+def test_kubernetes_quantities_are_read_as_the_api_server_reads_them(text, value):
+    assert quantity(text) == pytest.approx(value)
+
+
+def test_a_request_equal_to_its_limit_compiles(tmp_path):
+    options = ["--resource=evaluate.memory=96Gi", "--resource=evaluate.cpu=16"]
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), *options]) == 0
 
 
 def test_no_credentials_in_the_yaml_only_secret_names(compiled):

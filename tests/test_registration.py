@@ -263,3 +263,26 @@ def test_register_needs_mlflow(student_dir, monkeypatch):
 
     with pytest.raises(ValueError, match="register needs MLflow"):
         register(student_dir, evaluation(0.5, 0.5), "m", TrackingContext(), Tracker())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to a UID without a passwd entry")
+def test_promote_and_rollback_as_a_uid_without_a_passwd_entry_are_audited(tracking, tmp_path):
+    """As OpenShift runs pods: an arbitrary UID in group 0, no passwd entry, no USER/LOGNAME."""
+    import pwd
+
+    uid = 54321
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+    name = "arbitrary-uid"
+    champion = bare_version(tracking, name, 0.8, 0.8)
+    assert contest(tracking, name, champion, FAST).promoted
+    other = bare_version(tracking, name, 0.7, 0.7)
+    tmp_path.chmod(0o777)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": tracking.tracking_uri}
+    as_uid = ["setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups", str(BIN / "proxytune")]
+    for command in (["promote", name, other, "--force"], ["rollback", name]):
+        result = subprocess.run([*as_uid, *command], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    audits = [v for k, v in tracking.get_model_version(name, other).tags.items() if k.startswith("audit.")]
+    assert len(audits) == 2 and all(f" by uid-{uid}@" in audit for audit in audits)
+    assert alias_version(tracking, name, CHAMPION) == champion

@@ -258,3 +258,25 @@ def test_a_bad_cron_is_refused_before_any_request(kubeflow, config, cron, messag
     out = capsys.readouterr().out
     assert f"--cron '{cron}'" in out and message in out
     assert api.requests == []
+
+
+@pytest.mark.parametrize("command", ["upload", "submit", "schedule"])
+def test_a_backend_older_than_the_pipeline_needs_is_refused_naming_both_versions(
+    kubeflow, config, command, capsys
+):
+    host, api = kubeflow
+    api.version = "2.14.3"
+    config_args = ["--config", str(config)]
+    args = {"upload": [], "submit": config_args, "schedule": [*config_args, "--cron", "0 3 * * 1"]}
+    assert main([command, "--host", host, f"--image={IMAGE}", *args[command]]) == 2
+    out = capsys.readouterr().out
+    assert f"Kubeflow Pipelines at {host} is version 2.14.3" in out and "needs 2.15.0 or later" in out
+    assert [method for method, _ in api.requests] == ["GET"] * len(api.requests)  # nothing sent
+
+
+@pytest.mark.parametrize("version", ["2.15.0", "v2.17.3", "unknown"])
+def test_a_backend_at_or_above_the_minimum_or_one_that_does_not_say_is_used(kubeflow, config, version):
+    host, api = kubeflow
+    api.version = version
+    assert submit(host, config) == 0
+    assert len(api.runs) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from packaging.version import InvalidVersion, Version
+
 from pipelines.cluster import ClusterOptions
 from pipelines.proxy_tuning import BENCH_NAME, PIPELINE_NAME, compile_pipeline
 
@@ -28,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
+# The oldest Kubeflow Pipelines backend that runs the compiled pipeline: 2.15 honours an
+# optional Secret in an env var (the hub token, `proxytune-hf`: older backends fail every model
+# step when it is absent); artifact `dsl.Collected` and retry policies need 2.14.
+MIN_BACKEND = "2.15.0"
 DESCRIPTIONS = {PIPELINE_NAME: "Proxy-Tuning", BENCH_NAME: "Proxy-Tuning over DreamBench"}
 
 
@@ -82,7 +89,9 @@ def kubeflow(host: str, action: str) -> Iterator[kfp.Client]:
 
     check_host(host)
     try:
-        yield kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+        client = kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+        check_backend_version(host, backend_version(client))
+        yield client
     except ApiException as error:
         raise ValueError(
             f"Kubeflow Pipelines at {host} refused {action}: {error.status} {error.reason}"
@@ -90,6 +99,28 @@ def kubeflow(host: str, action: str) -> Iterator[kfp.Client]:
         ) from None
     except urllib3.exceptions.HTTPError as error:
         raise ValueError(f"cannot reach Kubeflow Pipelines at {host}: {error}") from None
+
+
+def backend_version(client: kfp.Client) -> str:
+    """The backend's release as its healthz reports it (`tag_name`, e.g. "2.15.0"), read raw:
+    kfp_server_api's healthz model keeps only `multi_user` and drops the rest."""
+    reply = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+    return str(json.loads(reply.data or b"{}").get("tag_name") or "unknown")
+
+
+def check_backend_version(host: str, version: str) -> None:
+    """Refuse a backend older than MIN_BACKEND before anything is sent; one that does not say
+    (a development build reports "unknown") is let through with a warning."""
+    try:
+        found = Version(version.removeprefix("v"))
+    except InvalidVersion:
+        log.warning("Kubeflow Pipelines at %s reports version %r; needs %s+", host, version, MIN_BACKEND)
+        return
+    if found < Version(MIN_BACKEND):
+        raise ValueError(
+            f"Kubeflow Pipelines at {host} is version {version}; the compiled pipeline needs "
+            f"{MIN_BACKEND} or later (optional Secrets in env vars): upgrade the backend"
+        )
 
 
 def _version_name(image: str) -> str:

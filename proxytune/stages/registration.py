@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -277,33 +278,45 @@ def alias_version(client, name: str, alias: str) -> str | None:
 def promote(
     client, name: str, version: str, force: bool = False, policy: RegistryParams | None = None
 ) -> Decision:
-    """A person promotes `version` to champion: through the gate unless `force`; audited."""
+    """A person promotes `version` to champion: through the gate unless `force`; audited (who
+    acts is known before any alias moves, so nothing moves unaudited)."""
+    who = operator()
     client.get_model_version(name, version)  # a clear MLflow error for an unknown version
     decision = contest(client, name, version, policy or RegistryParams(), force=force)
     what = "forced promotion" if force else "promotion through the gate"
     outcome = "promoted" if decision.promoted else "refused"
-    audit(client, name, version, f"{what}: {outcome} ({decision.reason})")
+    audit(client, name, version, f"{what}: {outcome} ({decision.reason})", who)
     return decision
 
 
 def rollback(client, name: str) -> tuple[str, str]:
     """`champion` back to `previous-champion`; returns (from, to). Audited on both versions;
     `previous-champion` is removed so that a second rollback cannot bring the bad one back."""
+    who = operator()
     current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
     if previous is None:
         raise ValueError(f"{name} has no {PREVIOUS} to roll back to (champion: {current or 'none'})")
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.delete_registered_model_alias(name, PREVIOUS)
-    audit(client, name, previous, f"rollback: champion again, replacing version {current}")
+    audit(client, name, previous, f"rollback: champion again, replacing version {current}", who)
     if current:
-        audit(client, name, current, f"rollback: champion handed back to version {previous}")
+        audit(client, name, current, f"rollback: champion handed back to version {previous}", who)
     return current or "none", previous
 
 
-def audit(client, name: str, version: str, event: str) -> None:
-    """An `audit.<UTC time>` tag on the version: what happened, by whom, from where."""
+def operator() -> str:
+    """Who acts, as `user@host`; never fails: a UID with no passwd entry (the arbitrary UIDs of
+    OpenShift pods) is `uid-<n>`."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid-{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def audit(client, name: str, version: str, event: str, who: str) -> None:
+    """An `audit.<UTC time>` tag on the version: what happened, by whom (`operator()`), from where."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
     client.set_model_version_tag(name, version, f"audit.{now}", f"{event} by {who}")
     log.info("%s version %s: %s by %s", name, version, event, who)
 
