@@ -52,8 +52,9 @@ class Resources(BaseModel):
     cpu_limit: str
     memory_limit: str
     gpus: int = Field(0, ge=0, le=8)
+    shm: str = Field("16Gi", description="memory-backed /dev/shm of GPU steps (part of memory_limit)")
 
-    @field_validator("cpu", "memory", "cpu_limit", "memory_limit")
+    @field_validator("cpu", "memory", "cpu_limit", "memory_limit", "shm")
     @classmethod
     def _quantity(cls, value: str) -> str:
         if not _QUANTITY.match(value):
@@ -70,6 +71,8 @@ class Resources(BaseModel):
                 raise ValueError(
                     f"{field} request {request} is above its limit {limit}: raise {field}_limit too"
                 )
+        if self.gpus and quantity(self.shm) >= quantity(self.memory_limit):
+            raise ValueError(f"shm {self.shm} must stay below memory_limit {self.memory_limit}")
         return self
 
 
@@ -172,7 +175,9 @@ def schedule(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTas
             kubernetes.add_node_selector(task, key, value)
         for key in options.gpu_tolerations:
             kubernetes.add_toleration(task, key=key, operator="Exists", effect="NoSchedule")
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=resources.shm
+        )
         task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     kubernetes.set_timeout(task, GPU_TIMEOUT_S if resources.gpus else CPU_TIMEOUT_S)
     return task

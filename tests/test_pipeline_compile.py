@@ -137,7 +137,7 @@ def test_gpu_requests_pool_and_shm_on_exactly_the_gpu_steps(compiled):
                 "cloud.example/spot": "false",
             }
             assert platform[label]["emptyDirMounts"] == [
-                {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}
+                {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm", "sizeLimit": "16Gi"}
             ]
             assert task_spec(spec, task)["retryPolicy"]["maxRetryCount"] == 2
         else:
@@ -196,6 +196,7 @@ def test_steps_that_load_models_mount_the_model_cache_and_stay_offline(compiled)
         (["--resource=evaluate"], "--resource expects STEP.FIELD=VALUE"),
         (["--resource=evaluate.memory=128Gi"], "evaluate: memory request 128Gi is above its limit 96Gi"),
         (["--resource=plan.cpu=1500m", "--resource=plan.cpu_limit=1.2"], "plan: cpu request 1500m is above"),
+        (["--resource=evaluate.shm=96Gi"], "evaluate: shm 96Gi must stay below memory_limit 96Gi"),
         (["--gpu-node-selector=pool"], "expected KEY=VALUE, got 'pool'"),
     ],
 )
