@@ -9,7 +9,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from proxytune.core.sampling import Sampling, code_distribution, draw, seed_uniforms
+from proxytune.core.params import Sampling
+from proxytune.core.sampling import code_distribution, draw, seed_uniforms
 
 
 def reference_probs(cond, uncond, sampling: Sampling) -> torch.Tensor:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from proxytune.backends._base import ModelSource, training_dtype
 from proxytune.core.images import to_pil
-from proxytune.core.sampling import Sampling, code_distribution, draw, seed_uniforms
+from proxytune.core.params import Sampling
+from proxytune.core.sampling import code_distribution, draw, seed_uniforms
 
 log = logging.getLogger(__name__)
 LOSS_CHUNK = 256  # positions per cross-entropy chunk

@@ -26,8 +26,8 @@ from proxytune.backends._ar import ARStudent, ImageBlock
 from proxytune.backends._base import ModelSource, seeded
 from proxytune.backends._checkpoints import load_pretrained, published_config, random_config_name
 from proxytune.backends._tokenizers import byte_level_tokenizer
+from proxytune.core.params import Sampling
 from proxytune.core.registry import STUDENTS
-from proxytune.core.sampling import Sampling
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

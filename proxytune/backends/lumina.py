@@ -36,8 +36,8 @@ from proxytune.backends._base import ModelSource, seeded
 from proxytune.backends._checkpoints import load_pretrained, published_config, random_config_name
 from proxytune.backends._tokenizers import byte_level_tokenizer
 from proxytune.backends._vqgan import ChameleonVQGAN
+from proxytune.core.params import Sampling
 from proxytune.core.registry import STUDENTS
-from proxytune.core.sampling import Sampling
 
 PROMPT_FORMAT = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
 SEPARATOR, BEGIN_OF_IMAGE, END_OF_IMAGE, END_OF_LINE = (

@@ -1,7 +1,8 @@
 """The parameters of each stage, one validated model per section of a run (`ingest`,
 `supervisor`, `proxy`, `student`, `evaluation`, `registry`), with the bounds every field
 allows. `proxytune.core.config` assembles them into a run's parameters from a preset and
-overrides."""
+overrides. Like everything a client (compile, submit, the registry commands) imports, it
+needs no torch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from proxytune.core.prompts import INSTANCE_TEMPLATE, fill
 from proxytune.core.registry import ENCODERS, STUDENTS, SUPERVISORS
-from proxytune.core.sampling import check_overrides
 
 # Upper bounds of counts and sizes: far above any real run (the paper draws 1000 proxy images,
 # trains 1000 steps at rank 128), low enough that a typo (`1e9`) fails at once instead of hours
@@ -22,6 +22,36 @@ MAX_RESOLUTION = 4096
 MAX_INFERENCE_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**32 - 1
+
+
+class Sampling(BaseModel):
+    """Sampling parameters for image codes; `top_k=0` keeps every code, `top_p=1` is off."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    guidance_scale: float = Field(ge=1.0, description="classifier-free guidance; 1 = conditional only")
+    temperature: float = Field(gt=0.0)
+    top_k: int = Field(ge=0, description="keep the k most likely codes; 0 = all")
+    top_p: float = Field(gt=0.0, le=1.0, description="nucleus; 1 = off")
+
+    def override(self, **values: float | int | None) -> Sampling:
+        """These parameters with every non-None value in `values` replacing the default."""
+        return Sampling.model_validate({**self.model_dump(), **set_values(values)})
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+def set_values(values: dict[str, float | int | None]) -> dict[str, float | int]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def check_overrides(values: dict[str, float | int | None]) -> dict[str, float | int]:
+    """The set values of `values`, after checking they are sampling parameters in range, so a
+    bad override fails before any model is loaded (every backend's defaults are in range)."""
+    Sampling(guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0).override(**values)
+    return set_values(values)
 
 
 class Params(BaseModel):

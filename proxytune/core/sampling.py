@@ -3,10 +3,10 @@
 Every student samples through one loop (`proxytune.backends._ar.ARStudent.sample_codes`);
 this module holds what that loop and its slow reference share:
 
-- `Sampling`: guidance scale, temperature, top-k and top-p, always explicit. Each backend
-  declares its reference model's values (Janus-Pro: all 16384 codes at temperature 1, CFG 5;
-  Lumina-mGPT: image top-k 2000, CFG 4), so nothing falls back to a library default such as
-  transformers' `top_k=50`.
+- `Sampling` (in `proxytune.core.params`, which needs no torch): guidance scale, temperature,
+  top-k and top-p, always explicit. Each backend declares its reference model's values
+  (Janus-Pro: all 16384 codes at temperature 1, CFG 5; Lumina-mGPT: image top-k 2000, CFG 4),
+  so nothing falls back to a library default such as transformers' `top_k=50`.
 - `code_distribution`: classifier-free guidance, then temperature, top-k, top-p (in that
   order, as transformers' logits processors apply them), as probabilities.
 - `draw` with `seed_uniforms`: inverse-CDF sampling from one uniform per code and image,
@@ -19,37 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class Sampling(BaseModel):
-    """Sampling parameters for image codes; `top_k=0` keeps every code, `top_p=1` is off."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    guidance_scale: float = Field(ge=1.0, description="classifier-free guidance; 1 = conditional only")
-    temperature: float = Field(gt=0.0)
-    top_k: int = Field(ge=0, description="keep the k most likely codes; 0 = all")
-    top_p: float = Field(gt=0.0, le=1.0, description="nucleus; 1 = off")
-
-    def override(self, **values: float | int | None) -> Sampling:
-        """These parameters with every non-None value in `values` replacing the default."""
-        return Sampling.model_validate({**self.model_dump(), **set_values(values)})
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale != 1.0
-
-
-def set_values(values: dict[str, float | int | None]) -> dict[str, float | int]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def check_overrides(values: dict[str, float | int | None]) -> dict[str, float | int]:
-    """The set values of `values`, after checking they are sampling parameters in range, so a
-    bad override fails before any model is loaded (every backend's defaults are in range)."""
-    Sampling(guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0).override(**values)
-    return set_values(values)
+from proxytune.core.params import Sampling
 
 
 def code_distribution(cond: torch.Tensor, uncond: torch.Tensor | None, sampling: Sampling) -> torch.Tensor:

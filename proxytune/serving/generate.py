@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from proxytune.core.contracts import ADAPTER_ARTIFACT, CARD_FILE
 from proxytune.core.fsutil import atomic_directory, atomic_write_json
 from proxytune.core.images import image_grid
-from proxytune.core.sampling import check_overrides
+from proxytune.core.params import check_overrides
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 
 from proxytune.backends._tuned import load_base_student, load_student, load_supervisor
 from proxytune.core.contracts import AdapterCard, Subject, read_adapter_card
-from proxytune.core.params import EvalParams
+from proxytune.core.params import EvalParams, Sampling
 from proxytune.core.prompts import dreambench_prompts, fill
-from proxytune.core.sampling import Sampling
 from proxytune.stages.ingest import load_subject
 
 log = logging.getLogger(__name__)
