@@ -30,6 +30,7 @@ from pipelines.cluster import (
     SECRET_ENV,
     ClusterOptions,
 )
+from proxytune.cli.kubeflow import RUNNER_ACCOUNT
 from tests.conftest import BIN, free_port, s3_bucket, start_server, stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -652,7 +653,7 @@ def test_every_object_is_in_the_overlay_namespace_and_labelled_part_of_proxytune
 
 def test_kubeflow_overlay_binds_the_runner_service_account_to_a_role_with_what_kfp_steps_need(rendered):
     objs = rendered["kubeflow"]
-    account = _find(objs, "ServiceAccount", "proxytune-runner")
+    account = _find(objs, "ServiceAccount", RUNNER_ACCOUNT)  # what submit and schedule run as
     bindings = [
         b
         for b in objs
@@ -672,13 +673,14 @@ def test_kubeflow_overlay_binds_the_runner_service_account_to_a_role_with_what_k
             for rule in role["rules"]
         )
 
-    needed = [
-        ("", resource, verb) for resource in ("configmaps", "secrets") for verb in ("get", "list", "watch")
-    ]
+    needed = [("", "configmaps", verb) for verb in ("get", "list", "watch")] + [("", "secrets", "get")]
     needed += [("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get")]
-    needed += [("", "persistentvolumeclaims", verb) for verb in ("get", "create", "delete")]
     needed += [("argoproj.io", "workflowtaskresults", verb) for verb in ("create", "patch")]
     assert [n for n in needed if not allowed(*n)] == []
+    # least privilege: no Secret listing, no volumes created or deleted (the cache PVC exists)
+    unused = [("", "secrets", "list"), ("", "secrets", "watch")]
+    unused += [("", "persistentvolumeclaims", verb) for verb in ("create", "delete")]
+    assert [u for u in unused if allowed(*u)] == []
     assert not any("*" in rule.get("resources", []) for rule in role["rules"])
     assert not [o for o in rendered["standalone"] if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
 

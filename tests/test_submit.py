@@ -104,6 +104,10 @@ def test_submit_starts_a_run_with_the_config_arguments(kubeflow, config, model_n
     assert set(run["runtime_config"]["parameters"]) <= set(spec["root"]["inputDefinitions"]["parameters"])
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {IMAGE}
     assert ("GET", f"{API}/runs/run-1") not in api.requests  # without --wait it does not poll
+    assert run["service_account"] == "proxytune-runner"  # the account manifests/ grants what steps need
+    assert submit(host, config, "--service-account=team-a-runner") == 0
+    assert submit(host, config, "--service-account=") == 0
+    assert [r.get("service_account") for r in api.runs[1:]] == ["team-a-runner", None]  # '': KFP's default
 
 
 @pytest.mark.servers
@@ -209,6 +213,7 @@ def test_schedule_creates_then_replaces_the_recurring_run_of_that_name(kubeflow,
     assert first["display_name"] == model_name and first["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
     assert first["experiment_id"] == api.experiments["rex"] and first["mode"] == "ENABLE"
     assert int(first["max_concurrency"]) == 1 and first["no_catchup"] is True
+    assert first["service_account"] == "proxytune-runner"
     parameters = first["runtime_config"]["parameters"]
     assert parameters["subject_uri"] == "s3://proxytune/subjects/rex" and parameters["preset"] == "small"
     assert parameters["overrides"] == {"student.steps": 500, "proxy.shards": 4}

@@ -11,6 +11,9 @@ from rich.table import Table
 
 from proxytune.cli.console import NOT_PROMOTED, console
 
+# The ServiceAccount the kubeflow overlay of manifests/ creates for proxytune's runs.
+RUNNER_ACCOUNT = "proxytune-runner"
+
 SUBMIT_EXIT_CODES = """exit codes:
   0  started (without --wait), or the run's registered version is champion
   1  the run failed, was cancelled or skipped, is still running after --timeout (it goes on),
@@ -137,6 +140,11 @@ def _remote_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", required=True, metavar="FILE", help="run config YAML (see examples/run-config.yaml)"
     )
     parser.add_argument("--namespace", help="namespace of a multi-user Kubeflow (token: $KF_PIPELINES_TOKEN)")
+    parser.add_argument(
+        "--service-account",
+        default=RUNNER_ACCOUNT,
+        help="ServiceAccount of the run's pods (default: %(default)s, from manifests/; '' = KFP's default)",
+    )
 
 
 def _cluster(args: argparse.Namespace):
@@ -203,7 +211,7 @@ def _submit(args: argparse.Namespace) -> int:
         raise ValueError(
             "--wait reads the outcome from MLflow: give --mlflow-tracking-uri or set MLFLOW_TRACKING_URI"
         )
-    started = submit(args.host, _cluster(args), config, args.namespace or None)
+    started = submit(args.host, _cluster(args), config, args.namespace or None, args.service_account or None)
     console.print(
         f"started run [bold]{started.run_name}[/bold] (id {started.run_id}) in experiment {config.experiment}"
     )
@@ -248,7 +256,13 @@ def _schedule(args: argparse.Namespace) -> int:
     from proxytune.ops.submit import schedule
 
     done = schedule(
-        args.host, _cluster(args), load_run_config(args.config), args.cron, args.name, args.namespace or None
+        args.host,
+        _cluster(args),
+        load_run_config(args.config),
+        args.cron,
+        args.name,
+        args.namespace or None,
+        args.service_account or None,
     )
     verb = "replaced" if done.replaced else "created"
     console.print(

@@ -86,9 +86,16 @@ def model_name(config: RunConfig) -> str:
     return config.registered_model_name or default_model_name([s["name"] for s in config.pipeline_subjects()])
 
 
-def submit(host: str, cluster: ClusterOptions, config: RunConfig, namespace: str | None = None) -> Started:
-    """Compile, then start one run in the config's experiment; raises ValueError when the
-    config cannot run on a cluster or Kubeflow refuses or is unreachable."""
+def submit(
+    host: str,
+    cluster: ClusterOptions,
+    config: RunConfig,
+    namespace: str | None = None,
+    service_account: str | None = None,
+) -> Started:
+    """Compile, then start one run in the config's experiment, its pods under `service_account`
+    (None: KFP's default); raises ValueError when the config cannot run on a cluster or
+    Kubeflow refuses or is unreachable."""
     check_host(host)
     config.require_remote_subjects()
     name = run_name(config)
@@ -101,6 +108,7 @@ def submit(host: str, cluster: ClusterOptions, config: RunConfig, namespace: str
                 run_name=name,
                 experiment_name=config.experiment,
                 namespace=namespace,
+                service_account=service_account,
             )
     return Started(started.run_id, name, f"{host.rstrip('/')}/#/runs/details/{started.run_id}")
 
@@ -217,6 +225,7 @@ def schedule(
     cron: str,
     name: str | None = None,
     namespace: str | None = None,
+    service_account: str | None = None,
 ) -> Scheduled:
     """Create a recurring run of the config (default name: the registered model's), or
     replace the recurring runs of that name. KFP cannot update one, so the new one is created
@@ -241,6 +250,7 @@ def schedule(
                 no_catchup=True,  # after a pause, one run, not one per missed time
                 params=config.pipeline_arguments(),
                 pipeline_package_path=package,
+                service_account=service_account,
             )
             for recurring_run_id in old:
                 client.delete_recurring_run(recurring_run_id)
