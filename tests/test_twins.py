@@ -44,6 +44,12 @@ LAYOUTS = {
     "lumina-mgpt-7b-768": ([0], [8710, 8197, 8828, 8828], [8197, 8828, 8828], [*48 * [-1], 8803]),
 }
 PAPER_RANK = PRESETS["paper"]["student"]["rank"]
+# Sampling runs in bf16 where the CPU computes it natively (AVX-512, AMX), which halves what each
+# step reads, as on a GPU; without it (AVX2) bf16 convolutions and matmuls run hundreds of times
+# slower than fp32, so there the twins sample in fp32.
+SAMPLING_DTYPE = (
+    torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
+)
 
 
 def saved_and_reloaded(registry, name: str, tmp_path_factory):
@@ -139,12 +145,12 @@ def test_prompts_and_image_blocks_have_the_reference_token_layout(twin):
 
 
 def test_full_length_sampling_draws_from_the_reference_distribution_and_decodes(twin, monkeypatch):
-    """Run in bf16, which halves what each step reads from memory (as on a GPU)."""
+    """In `SAMPLING_DTYPE`."""
     name, _, folder = twin
     resolution, codes_per_image, codebook, _ = TWINS[name]
     backend = STUDENTS.create(name)
     backend.load(CPU, ModelSource(str(folder)))
-    backend.model.to(torch.bfloat16)
+    backend.model.to(SAMPLING_DTYPE)
     support = []
     original = ar.code_distribution
 
@@ -163,7 +169,6 @@ def test_full_length_sampling_draws_from_the_reference_distribution_and_decodes(
         )
     else:
         assert all((s == codebook).all() for s in support)
-    backend.model.float()  # CPU convolutions in bf16 run hundreds of times slower without AVX-512 BF16
     (image,) = backend.decode_images(codes)
     assert image.size == (resolution, resolution)
 
@@ -214,11 +219,11 @@ SUPERVISOR_TWINS = {
 
 @pytest.fixture(scope="module", params=sorted(SUPERVISOR_TWINS))
 def supervisor_twin(request, tmp_path_factory):
-    """(name, pipeline loaded back from the saved diffusers folder, in bf16, the folder)."""
+    """(name, pipeline loaded back from the saved diffusers folder, in `SAMPLING_DTYPE`, the folder)."""
     from proxytune.core.registry import SUPERVISORS
 
     backend, folder = saved_and_reloaded(SUPERVISORS, request.param, tmp_path_factory)
-    backend.pipe.to(dtype=torch.bfloat16)  # as on a GPU; halves what the CPU moves
+    backend.pipe.to(dtype=SAMPLING_DTYPE)
     yield request.param, backend, folder
     shutil.rmtree(folder)
 
