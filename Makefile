@@ -5,6 +5,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from: empty = pip's default; the retrain workflow sets PyTorch's CPU index,
+# since PyPI's torch for Linux is the CUDA build (GBs a CPU-only client never uses).
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 LOCK := images/requirements.lock
 IMAGE ?= ghcr.io/proxytune/proxytune
@@ -21,7 +24,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev,server]'
 	touch $(STAMP)
 
