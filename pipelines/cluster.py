@@ -8,6 +8,7 @@ the GPU node pool, the model cache, the hub token. Validated here, applied by
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from kfp import dsl, kubernetes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,6 +119,12 @@ class ClusterOptions(BaseModel):
     model_cache_pvc: str = Field(
         "proxytune-model-cache", description="PVC mounted at /cache by every step that loads a model"
     )
+    model_cache_access: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="the cache PVC's access mode: ReadWriteOnce (any cluster's default storage class) "
+        "runs one subject, one proxy shard and one model step at a time, so GPU pods take the volume "
+        "in turn; ReadWriteMany lets them all run at once",
+    )
     hub_online: bool = Field(False, description="let steps download from the Hugging Face hub")
 
     @model_validator(mode="after")
@@ -127,6 +134,11 @@ class ClusterOptions(BaseModel):
             raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(DEFAULT_RESOURCES)}")
         self.resources = {**DEFAULT_RESOURCES, **self.resources}
         return self
+
+    @property
+    def loop_parallelism(self) -> int | None:
+        """How many subjects, and proxy shards per subject, run at once (None: all)."""
+        return 1 if self.model_cache_access == "ReadWriteOnce" else None
 
     def with_overrides(self, assignments: list[str]) -> ClusterOptions:
         """`STEP.FIELD=VALUE` assignments (`tune-student.memory=128Gi`, `evaluate.gpus=2`)."""

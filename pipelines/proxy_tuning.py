@@ -144,6 +144,8 @@ def _protocol(parallelism: int | None, place: Callable[[dsl.PipelineTask], dsl.P
             )
         student = tune_student(proxies=dsl.Collected(stages.outputs["proxy"]), **run)
         direct = tune_direct(subjects=dsl.Collected(stages.outputs["subject"]), **run)
+        if parallelism == 1:
+            direct.after(student)  # one model step at a time: a ReadWriteOnce cache is on one node
         scores = evaluate(
             subjects=dsl.Collected(stages.outputs["subject"]),
             supervisors=dsl.Collected(stages.outputs["supervisor"]),
@@ -327,6 +329,8 @@ def compile_pipeline(path: str, cluster: ClusterOptions | None = None, name: str
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")
+    cluster = cluster or ClusterOptions()
     with replacing(path, suffix=Path(path).suffix) as tmp:  # a half-written file never replaces a good one
-        compiler.Compiler().compile(builders[name](cluster=cluster), package_path=str(tmp))
+        pipeline = builders[name](parallelism=cluster.loop_parallelism, cluster=cluster)
+        compiler.Compiler().compile(pipeline, package_path=str(tmp))
     return path

@@ -609,10 +609,13 @@ def test_mlflow_allowed_hosts_admit_the_in_cluster_names_and_refuse_others(rende
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_model_cache_pvc_is_read_write_many_and_mounted_where_the_pipeline_expects(rendered, overlay):
+def test_model_cache_pvc_has_the_compiled_access_mode_and_is_mounted_where_the_pipeline_expects(
+    rendered, overlay
+):
     objs = rendered[overlay] + _tools()
     name = ClusterOptions().model_cache_pvc
-    assert _find(objs, "PersistentVolumeClaim", name)["spec"]["accessModes"] == ["ReadWriteMany"]
+    access = ClusterOptions().model_cache_access
+    assert _find(objs, "PersistentVolumeClaim", name)["spec"]["accessModes"] == [access] == ["ReadWriteOnce"]
     users = [
         o for o in _workloads(objs) if "model-cache" in _pod_labels(o).get("app.kubernetes.io/component", "")
     ]
@@ -634,6 +637,20 @@ def test_model_cache_pvc_is_read_write_many_and_mounted_where_the_pipeline_expec
         "key": "token",
         "optional": True,
     }
+
+
+def test_the_rwx_component_makes_the_model_cache_read_write_many(tmp_path):
+    tree = _copy_tree(tmp_path)
+    overlay = tree / "overlays" / "kubeflow"
+    _write_env(overlay, TEST_ENV)
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["components"] = ["../../components/rwx-model-cache"]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    objs = _render(overlay)
+    pvc = _find(objs, "PersistentVolumeClaim", ClusterOptions().model_cache_pvc)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert _schema_errors(objs) == []
+    assert ClusterOptions(model_cache_access="ReadWriteMany").loop_parallelism is None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

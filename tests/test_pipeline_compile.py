@@ -80,7 +80,7 @@ def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(comp
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks["protocol"].items()} == {
         "for-loop-1": set(),
         "tune-student": {"for-loop-1"},
-        "tune-direct": {"for-loop-1"},  # the baseline trains beside the student
+        "tune-direct": {"for-loop-1", "tune-student"},  # after it on a ReadWriteOnce cache (the default)
         "evaluate": {"for-loop-1", "tune-student", "tune-direct"},
     }
     protocol_inputs = tasks["root"]["proxy-tuning-protocol"]["inputs"]["parameters"]
@@ -98,9 +98,6 @@ def test_plan_then_per_subject_stages_with_sharded_proxies_then_one_student(comp
     }
     loop = tasks["subject"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
     assert loop == "pipelinechannel--proxy-shards-Output" and list(tasks["shards"]) == ["generate-proxy"]
-    assert (
-        "iteratorPolicy" not in tasks["protocol"]["for-loop-1"]
-    )  # the cluster runs all subjects and shards at once
     collected = {
         task: {
             name: a["taskOutputArtifact"]
@@ -243,3 +240,16 @@ def test_the_evaluation_publishes_its_table_as_a_markdown_artifact(compiled):
     outputs = component["outputDefinitions"]["artifacts"]
     assert outputs["table"]["artifactType"]["schemaTitle"] == "system.Markdown"
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+
+
+@pytest.mark.parametrize(("access", "serial"), [([], True), (["--model-cache-access=ReadWriteMany"], False)])
+def test_a_read_write_once_cache_runs_gpu_steps_one_at_a_time(tmp_path, access, serial):
+    """On ReadWriteOnce (the default: what every cluster's default class offers) the volume is on
+    one node at a time, so subjects, proxy shards and the student/baseline pair take turns."""
+    path = tmp_path / "p.yaml"
+    assert main(["compile", "-o", str(path), *access]) == 0
+    spec, _ = yaml.safe_load_all(path.read_text())
+    found = scopes(spec)
+    loops = [found["protocol"]["for-loop-1"], found["subject"]["for-loop-1"]]
+    assert [loop.get("iteratorPolicy") for loop in loops] == [{"parallelismLimit": 1} if serial else None] * 2
+    assert ("tune-student" in found["protocol"]["tune-direct"]["dependentTasks"]) == serial

@@ -128,6 +128,12 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model-cache-pvc", help="PVC mounted at /cache (default proxytune-model-cache)")
     parser.add_argument(
+        "--model-cache-access",
+        choices=["ReadWriteOnce", "ReadWriteMany"],
+        help="access mode of that PVC (default ReadWriteOnce: GPU steps one at a time; "
+        "ReadWriteMany: all at once)",
+    )
+    parser.add_argument(
         "--hub-online", action="store_true", help="steps may download from the Hugging Face hub (default: no)"
     )
 
@@ -155,6 +161,8 @@ def _cluster(args: argparse.Namespace):
         chosen["image"] = args.image
     if args.model_cache_pvc:
         chosen["model_cache_pvc"] = args.model_cache_pvc
+    if args.model_cache_access:
+        chosen["model_cache_access"] = args.model_cache_access
     if args.gpu_node_selector:
         chosen["gpu_node_selector"] = dict(_pair(s) for s in args.gpu_node_selector if s != "none")
     if args.gpu_toleration:
