@@ -77,15 +77,18 @@ class Resources(BaseModel):
         return self
 
 
-def _cpu(gb: int, cores: int, gpus: int = 0) -> Resources:
+def _cpu(gb: int, cores: int, gpus: int = 0, shm: str = "16Gi") -> Resources:
     return Resources(
-        cpu=str(cores), memory=f"{gb}Gi", cpu_limit=str(2 * cores), memory_limit=f"{gb * 3 // 2}Gi", gpus=gpus
+        cpu=str(cores),
+        memory=f"{gb}Gi",
+        cpu_limit=str(2 * cores),
+        memory_limit=f"{gb * 3 // 2}Gi",
+        gpus=gpus,
+        shm=shm,
     )
 
 
-# Sized for the paper preset: a 7B student or a FLUX/SD3.5 supervisor is read into host memory
-# (bf16, 14-24 GB) before it moves to the GPU; evaluation holds a generator and two encoders.
-DEFAULT_RESOURCES = {
+_CPU_STEPS = {
     "plan": _cpu(2, 1),
     "plan-bench": _cpu(2, 1),
     "aggregate": _cpu(4, 1),
@@ -93,12 +96,22 @@ DEFAULT_RESOURCES = {
     "proxy-shards": _cpu(1, 1),
     "merge-proxy": _cpu(8, 2),  # DINO scores the proxy images when filtering
     "register": _cpu(4, 1),
-    "tune-supervisor": _cpu(64, 8, gpus=1),
-    "generate-proxy": _cpu(64, 8, gpus=1),
-    "tune-student": _cpu(96, 8, gpus=1),
-    "tune-direct": _cpu(96, 8, gpus=1),
-    "evaluate": _cpu(64, 8, gpus=1),
 }
+GPU_STEPS = ("tune-supervisor", "generate-proxy", "tune-student", "tune-direct", "evaluate")
+# Per preset (`proxytune compile --profile`). paper: a 7B student or a FLUX/SD3.5 supervisor is
+# read into host memory (bf16, 14-24 GB) before it moves to the GPU, and evaluation holds a
+# generator and two encoders. small: SDXL (7 GB in fp16) and a 1B student on one 24 GB GPU in
+# a node of 8 cores and 32 GB (an AWS g5.2xlarge, a GCP g2-standard-8).
+PROFILES = {
+    "paper": {
+        **_CPU_STEPS,
+        **{step: _cpu(64, 8, gpus=1) for step in GPU_STEPS},
+        "tune-student": _cpu(96, 8, gpus=1),
+        "tune-direct": _cpu(96, 8, gpus=1),
+    },
+    "small": {**_CPU_STEPS, **{step: _cpu(20, 4, gpus=1, shm="8Gi") for step in GPU_STEPS}},
+}
+DEFAULT_PROFILE = "paper"
 MODEL_STEPS = {"tune-supervisor", "generate-proxy", "tune-student", "tune-direct", "evaluate", "merge-proxy"}
 
 
@@ -108,7 +121,10 @@ class ClusterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(BASE_IMAGE, min_length=1)
-    resources: dict[str, Resources] = Field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    profile: Literal["paper", "small"] = Field(
+        DEFAULT_PROFILE, description="resources sized for a preset; `resources` override single steps"
+    )
+    resources: dict[str, Resources] = Field(default_factory=dict)
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="node labels of the GPU pool (NVIDIA's GPU feature discovery sets this one)",
@@ -129,10 +145,11 @@ class ClusterOptions(BaseModel):
 
     @model_validator(mode="after")
     def _every_step(self) -> ClusterOptions:
-        unknown = set(self.resources) - set(DEFAULT_RESOURCES)
+        steps = PROFILES[self.profile]
+        unknown = set(self.resources) - set(steps)
         if unknown:
-            raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(DEFAULT_RESOURCES)}")
-        self.resources = {**DEFAULT_RESOURCES, **self.resources}
+            raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(steps)}")
+        self.resources = {**steps, **self.resources}
         return self
 
     @property

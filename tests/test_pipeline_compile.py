@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from components.base import BASE_IMAGE
-from pipelines.cluster import DEFAULT_RESOURCES, MODEL_STEPS, ClusterOptions, quantity
+from pipelines.cluster import GPU_STEPS, MODEL_STEPS, PROFILES, ClusterOptions, quantity
 from proxytune.cli import main
 from tests.conftest import REPO
 
@@ -148,7 +148,7 @@ def test_every_step_has_requests_limits_and_the_label_the_network_policies_admit
     for task in STAGES:
         label = executor_of(spec, task)
         resources = executors[label]["container"]["resources"]
-        default = DEFAULT_RESOURCES[task]
+        default = PROFILES["paper"][task]
         memory = "128Gi" if task == "tune-student" else default.memory  # --resource tune-student.memory
         assert resources["resourceCpuRequest"] == default.cpu
         assert resources["resourceCpuLimit"] == default.cpu_limit
@@ -253,3 +253,18 @@ def test_a_read_write_once_cache_runs_gpu_steps_one_at_a_time(tmp_path, access, 
     loops = [found["protocol"]["for-loop-1"], found["subject"]["for-loop-1"]]
     assert [loop.get("iteratorPolicy") for loop in loops] == [{"parallelismLimit": 1} if serial else None] * 2
     assert ("tune-student" in found["protocol"]["tune-direct"]["dependentTasks"]) == serial
+
+
+def test_the_small_profile_fits_gpu_steps_on_a_32_gb_node_and_resources_override_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    options = ["--profile=small", "--resource=evaluate.memory=24Gi"]
+    assert main(["compile", "-o", str(path), *options]) == 0
+    spec, _ = yaml.safe_load_all(path.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    for task in GPU_STEPS:
+        resources = executors[executor_of(spec, task)]["container"]["resources"]
+        memory = "24Gi" if task == "evaluate" else "20Gi"
+        assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == (memory, "30Gi")
+        assert quantity(resources["resourceMemoryLimit"]) < 32 * 2**30
+        assert resources["resourceCpuRequest"] == "4"
+    assert ClusterOptions().profile == "paper"

@@ -126,6 +126,12 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="taint key the GPU steps tolerate (repeatable; default nvidia.com/gpu; 'none' for none)",
     )
+    parser.add_argument(
+        "--profile",
+        choices=["paper", "small"],
+        help="CPU, memory and /dev/shm of every step sized for a preset (default paper; "
+        "small: one 24 GB GPU in an 8-core, 32 GB node); --resource changes single steps",
+    )
     parser.add_argument("--model-cache-pvc", help="PVC mounted at /cache (default proxytune-model-cache)")
     parser.add_argument(
         "--model-cache-access",
@@ -159,6 +165,8 @@ def _cluster(args: argparse.Namespace):
     chosen: dict = {"hub_online": args.hub_online}
     if args.image:
         chosen["image"] = args.image
+    if args.profile:
+        chosen["profile"] = args.profile
     if args.model_cache_pvc:
         chosen["model_cache_pvc"] = args.model_cache_pvc
     if args.model_cache_access:
