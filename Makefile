@@ -11,6 +11,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 LOCK := images/requirements.lock
 IMAGE ?= ghcr.io/proxytune/proxytune
+SERVER_IMAGE ?= $(IMAGE)-server
 TAG ?= $(shell git describe --always --dirty --abbrev=12)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -53,9 +54,12 @@ lock:  ## re-pin $(LOCK) from the tested .venv, resolved for the image (Linux x8
 		--no-header --no-annotate --quiet ; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
-image:  ## build the component image, tagged with the git commit (needs a Docker engine)
-	docker build -f images/Dockerfile -t $(IMAGE):$(TAG) .
-	@echo "then: proxytune compile --image $(IMAGE):$(TAG) -o proxy-tuning.yaml"
+image:  ## build the pipeline and server images, tagged with the git commit (needs a Docker engine)
+	docker build -f images/Dockerfile --target server -t $(SERVER_IMAGE):$(TAG) .
+	docker build -f images/Dockerfile --target pipeline -t $(IMAGE):$(TAG) .
+	@echo "then: docker push $(IMAGE):$(TAG) && docker push $(SERVER_IMAGE):$(TAG)"
+	@echo "      (cd manifests/overlays/kubeflow && kustomize edit set image ghcr.io/proxytune/proxytune-server=$(SERVER_IMAGE):$(TAG))"
+	@echo "      proxytune upload --image $(IMAGE):$(TAG) ...   (or compile --image $(IMAGE):$(TAG))"
 
 clean:  ## remove the demo's work folder and caches (keeps .venv)
 	rm -rf proxytune-work proxy-tuning.yaml .pytest_cache .ruff_cache

@@ -48,6 +48,18 @@ def test_bad_input_fails_before_the_pipeline_starts(tmp_path, capsys, arguments,
     assert not workdir.exists()
 
 
+def test_without_subject_an_installed_package_asks_for_one(tmp_path, capsys, monkeypatch):
+    """In the image proxytune is installed without the checkout's examples/."""
+    monkeypatch.setattr(
+        "proxytune.ops.local.EXAMPLE_SUBJECT", tmp_path / "site-packages" / "examples" / "dog"
+    )
+    workdir = tmp_path / "work"
+    assert main(["run", "--workdir", str(workdir)]) == 2
+    out = capsys.readouterr().out
+    assert "no --subject given, and the example subject" in out and "pass --subject FOLDER" in out
+    assert not workdir.exists()
+
+
 def test_local_defaults_keep_everything_in_the_workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("PROXYTUNE_S3_ENDPOINT_URL", raising=False)
     assert local_defaults(tmp_path) == {

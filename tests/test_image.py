@@ -61,11 +61,27 @@ def test_the_tests_run_the_locked_versions():
     assert mismatched == {}
 
 
-def test_dependencies_install_before_the_source_is_copied():
-    copies = instructions("COPY")
-    lock_step = DOCKERFILE.index("pip install --no-deps -r requirements.lock")
-    assert copies[0] == "images/requirements.lock ./"
-    assert all(DOCKERFILE.index(f"COPY {c}") > lock_step for c in copies[1:])
+def stage(name: str) -> str:
+    """The text of one build stage of the Dockerfile."""
+    (found,) = re.findall(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", DOCKERFILE, re.MULTILINE | re.DOTALL)
+    return found
+
+
+def test_dependencies_install_before_the_source_is_copied_and_the_copy_is_removed():
+    pipeline = stage("pipeline")
+    lock_step = pipeline.index("pip install --no-deps -r /tmp/requirements.lock")
+    copies = [line for line in pipeline.splitlines() if line.startswith("COPY ")]
+    assert copies[0] == "COPY images/requirements.lock /tmp/requirements.lock"
+    assert all(pipeline.index(copy) > lock_step for copy in copies[1:])
+    assert all(copy.endswith(("/tmp/src/", f"/tmp/src/{copy.split()[1]}")) for copy in copies[1:])
+    assert re.search(r"pip install --no-deps /tmp/src \\\n\s+&& rm -rf /tmp/src", pipeline)
+
+
+def test_the_server_image_installs_the_locked_mlflow_without_torch():
+    server = stage("server")
+    (install,) = [line for line in server.splitlines() if "pip install" in line]
+    assert "-c /tmp/requirements.lock" in install and "--no-deps" not in install
+    assert "torch" not in server and "COPY proxytune" not in server
 
 
 def test_the_image_runs_as_a_non_root_user_that_the_launcher_can_write_for():
@@ -79,7 +95,7 @@ def test_the_image_is_offline_by_default_and_carries_no_credentials():
     environment = " ".join(instructions("ENV"))
     assert "HF_HUB_OFFLINE=1" in environment and "HF_HOME=/cache/huggingface" in environment
     assert not re.search(r"(KEY|SECRET|TOKEN|PASSWORD)\w*=", environment, re.IGNORECASE)
-    assert not instructions("ARG")  # nothing secret can be passed into a layer
+    assert instructions("ARG") == ["BASE_IMAGE=python:3.11.14-slim-bookworm"]  # nothing secret passes in
 
 
 def test_the_image_environment_turns_mlflow_telemetry_off_and_gitpython_quiet_without_git(tmp_path):

@@ -48,6 +48,7 @@ TEST_ENV = {
 SECRET_OF_ENV = {"minio.env": "proxytune-minio", "s3.env": S3_SECRET, "postgres.env": "proxytune-postgres"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 CREDENTIAL_KEY = re.compile(r"password|secret|token|access-key", re.IGNORECASE)
+SERVER_IMAGE = "ghcr.io/proxytune/proxytune-server"  # MLflow and the Jobs: images/Dockerfile's `server`
 PIPELINE = "pipeline"  # the name this module gives the pipeline's step pods (labelled POD_LABEL)
 
 
@@ -290,6 +291,21 @@ def test_images_are_pinned_to_a_release_tag_not_latest(rendered, overlay):
         if "@sha256:" not in image and (not tag or tag == "latest"):
             loose.append(f"{where}: {image}")
     assert loose == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_images_entry_repoints_every_proxytune_container_to_the_slim_server_image(tmp_path, overlay):
+    """What `kustomize edit set image` (printed by `make image`) changes: the overlay's `images:`."""
+    tree = _copy_tree(tmp_path)
+    folder = tree / "overlays" / overlay
+    _write_env(folder, TEST_ENV)
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    (entry,) = [i for i in kustomization["images"] if i["name"] == SERVER_IMAGE]
+    entry.update(newName="registry.example/proxytune-server", newTag="abc123")
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    ours = {c["image"] for _, _, c in _all_containers(_render(folder)) if "proxytune" in c["image"]}
+    assert ours == {"registry.example/proxytune-server:abc123"}
+    assert {c["image"] for _, _, c in _all_containers(_tools())} == {f"{SERVER_IMAGE}:0.2.0"}  # set by hand
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -218,7 +218,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _subjects(args: argparse.Namespace, example: Path, example_class: str) -> list[dict[str, str]]:
-    """One dict per --subject, pairing the repeated flags in order."""
+    """One dict per --subject, pairing the repeated flags in order; without --subject, the
+    checkout's example subject (an installed proxytune, as in the image, ships none)."""
+    if not args.subject and not example.is_dir():
+        raise ValueError(
+            f"no --subject given, and the example subject {example} is not here (it comes with a "
+            "checkout of proxytune, not with an installed package): pass --subject FOLDER "
+            "--class-noun NOUN, or --config FILE"
+        )
     uris = args.subject or [str(example)]
     nouns = args.class_noun or ([example_class] if not args.subject else [])
     if len(nouns) != len(uris):
