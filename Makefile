@@ -12,14 +12,15 @@ STAMP := $(VENV)/.installed
 LOCK := images/requirements.lock
 IMAGE ?= ghcr.io/proxytune/proxytune
 SERVER_IMAGE ?= $(IMAGE)-server
+BASE_IMAGE ?= python:3.11.14-slim-bookworm
 TAG ?= $(shell git describe --always --dirty --abbrev=12)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install demo test compile lint lock image clean
+.PHONY: help install demo test compile lint lock image image-test clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 # Runtime dependencies come from the lock the image uses too, so tests run what clusters run.
 $(STAMP): pyproject.toml $(LOCK)
@@ -55,11 +56,21 @@ lock:  ## re-pin $(LOCK) from the tested .venv, resolved for the image (Linux x8
 	mv $(LOCK).tmp $(LOCK)
 
 image:  ## build the pipeline and server images, tagged with the git commit (needs a Docker engine)
-	docker build -f images/Dockerfile --target server -t $(SERVER_IMAGE):$(TAG) .
-	docker build -f images/Dockerfile --target pipeline -t $(IMAGE):$(TAG) .
+	docker build -f images/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --target server -t $(SERVER_IMAGE):$(TAG) .
+	docker build -f images/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --target pipeline -t $(IMAGE):$(TAG) .
 	@echo "then: docker push $(IMAGE):$(TAG) && docker push $(SERVER_IMAGE):$(TAG)"
 	@echo "      (cd manifests/overlays/kubeflow && kustomize edit set image ghcr.io/proxytune/proxytune-server=$(SERVER_IMAGE):$(TAG))"
 	@echo "      proxytune upload --image $(IMAGE):$(TAG) ...   (or compile --image $(IMAGE):$(TAG))"
+
+# Where the registry's Python image cannot be pulled (no registry reachable, as on CI), the base
+# is built from Debian packages (images/base/build.sh).
+image-test: $(STAMP)  ## build both images and test them as pods run them (needs a Docker engine)
+	base=$(BASE_IMAGE); docker pull -q $$base >/dev/null 2>&1 \
+	  || { echo "cannot pull $$base: building a base from Debian packages"; images/base/build.sh proxytune-base:bookworm; base=proxytune-base:bookworm; }; \
+	docker build -q -f images/Dockerfile --build-arg BASE_IMAGE=$$base --target server -t proxytune-server:test . \
+	  && docker build -q -f images/Dockerfile --build-arg BASE_IMAGE=$$base --target pipeline -t proxytune:test .
+	PROXYTUNE_TEST_IMAGE=proxytune:test PROXYTUNE_TEST_SERVER_IMAGE=proxytune-server:test \
+	  $(BIN)/python -m pytest --durations=5 tests/test_image_run.py
 
 clean:  ## remove the demo's work folder and caches (keeps .venv)
 	rm -rf proxytune-work proxy-tuning.yaml .pytest_cache .ruff_cache
