@@ -35,7 +35,12 @@ from tests.conftest import BIN, free_port, s3_bucket, start_server, stop
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
-OVERLAYS = {"standalone": "proxytune", "kubeflow": "kubeflow"}  # overlay -> its namespace
+OVERLAYS = {  # overlay -> its namespace
+    "standalone": "proxytune",
+    "kubeflow": "kubeflow",
+    "kubeflow-profile": "kubeflow-user-example-com",  # a multi-user Kubeflow profile (Istio)
+}
+ENV_OVERLAYS = ("standalone", "kubeflow")  # the overlays whose env files make the Secrets
 K8S_VERSION = kubernetes_validate.latest_version()
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 PLACEHOLDER = "CHANGE-ME"
@@ -82,8 +87,9 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     """Each overlay rendered with the test env files."""
     tree = _copy_tree(tmp_path_factory.mktemp("rendered"))
     out = {}
-    for overlay in OVERLAYS:
+    for overlay in ENV_OVERLAYS:
         _write_env(tree / "overlays" / overlay, TEST_ENV)
+    for overlay in OVERLAYS:
         out[overlay] = _render(tree / "overlays" / overlay)
     return out
 
@@ -298,7 +304,8 @@ def test_one_images_entry_repoints_every_proxytune_container_to_the_slim_server_
     """What `kustomize edit set image` (printed by `make image`) changes: the overlay's `images:`."""
     tree = _copy_tree(tmp_path)
     folder = tree / "overlays" / overlay
-    _write_env(folder, TEST_ENV)
+    for env_overlay in ENV_OVERLAYS:
+        _write_env(tree / "overlays" / env_overlay, TEST_ENV)
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     (entry,) = [i for i in kustomization["images"] if i["name"] == SERVER_IMAGE]
     entry.update(newName="registry.example/proxytune-server", newTag="abc123")
@@ -406,7 +413,7 @@ def test_no_configmap_carries_a_credential_like_key(rendered, overlay):
     assert keys and [key for key in keys if CREDENTIAL_KEY.search(key.split("/", 1)[1])] == []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENV_OVERLAYS)
 def test_real_env_files_are_git_ignored_and_their_committable_examples_are_not(overlay):
     directory = MANIFESTS / "overlays" / overlay
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
@@ -424,7 +431,7 @@ def test_real_env_files_are_git_ignored_and_their_committable_examples_are_not(o
         assert not ignored(directory / f"{env_file}.example")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENV_OVERLAYS)
 def test_env_examples_have_every_key_and_only_placeholder_credentials(overlay):
     directory = MANIFESTS / "overlays" / overlay
     for env_file, test_values in TEST_ENV.items():
@@ -436,7 +443,7 @@ def test_env_examples_have_every_key_and_only_placeholder_credentials(overlay):
                 assert PLACEHOLDER in value, f"{env_file}: {key} is not a placeholder"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENV_OVERLAYS)
 @pytest.mark.parametrize("missing", sorted(TEST_ENV))
 def test_kustomize_fails_when_an_env_file_is_missing(tmp_path, overlay, missing):
     tree = _copy_tree(tmp_path)
@@ -653,6 +660,24 @@ def test_model_cache_pvc_has_the_compiled_access_mode_and_is_mounted_where_the_p
         "key": "token",
         "optional": True,
     }
+
+
+def test_in_a_profile_namespace_proxytune_workloads_run_without_a_sidecar_behind_the_network_policies(
+    rendered,
+):
+    """KFP runs pipeline pods without the Istio sidecar, so a STRICT-mTLS service with one would
+    refuse them: MinIO, PostgreSQL, MLflow and the Jobs run without it too, and the same
+    NetworkPolicies as elsewhere do the admitting."""
+    objs = rendered["kubeflow-profile"]
+    for workload in _workloads(objs):
+        assert _pod_labels(workload).get("sidecar.istio.io/inject") == "false", _name(workload)
+    assert _find(objs, "ServiceAccount", RUNNER_ACCOUNT)
+
+    def policies(overlay: str) -> list[str]:
+        return sorted(_name(o) for o in rendered[overlay] if o["kind"] == "NetworkPolicy")
+
+    assert policies("kubeflow-profile") == policies("kubeflow") != []
+    assert not any("sidecar.istio.io/inject" in _pod_labels(w) for w in _workloads(rendered["kubeflow"]))
 
 
 def test_the_rwx_component_makes_the_model_cache_read_write_many(tmp_path):
