@@ -310,8 +310,15 @@ def test_one_images_entry_repoints_every_proxytune_container_to_the_slim_server_
     (entry,) = [i for i in kustomization["images"] if i["name"] == SERVER_IMAGE]
     entry.update(newName="registry.example/proxytune-server", newTag="abc123")
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    ours = {c["image"] for _, _, c in _all_containers(_render(folder)) if "proxytune" in c["image"]}
+    objs = _render(folder)
+    ours = {c["image"] for _, _, c in _all_containers(objs) if "proxytune" in c["image"]}
     assert ours == {"registry.example/proxytune-server:abc123"}
+    # A Job's pod template is immutable: nothing a new build or script changes may be in one, or
+    # the next `kubectl apply` fails while the old Job exists.
+    for job in (o for o in objs if o["kind"] == "Job"):
+        spec = _template(job)["spec"]
+        assert not any("proxytune" in c["image"] for c in _containers(spec)), _name(job)
+        assert not any("configMap" in v for v in spec.get("volumes", [])), _name(job)
     assert {c["image"] for _, _, c in _all_containers(_tools())} == {f"{SERVER_IMAGE}:0.2.0"}  # set by hand
 
 
@@ -481,9 +488,11 @@ def test_minio_and_postgres_refuse_to_start_on_the_example_placeholders(
 def _run_bucket_job(
     tmp_path: Path, objs: list[dict], attach_reply: str
 ) -> tuple[subprocess.CompletedProcess, str]:
-    job = _find(objs, "Job", "minio-buckets")
-    container = _container(objs, "Job", "minio-buckets", "mc")
-    volume = next(v for v in _template(job)["spec"]["volumes"] if "configMap" in v)
+    """The bucket script as MLflow's init container runs it, against a stand-in `mc`."""
+    mlflow = _find(objs, "Deployment", "mlflow")
+    container = _container(objs, "Deployment", "mlflow", "minio-buckets")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/scripts"]
+    (volume,) = [v for v in _template(mlflow)["spec"]["volumes"] if v["name"] == mount["name"]]
     script = tmp_path / "minio-buckets.sh"
     (script_name,) = _find(objs, "ConfigMap", volume["configMap"]["name"])["data"].items()
     script.write_text(script_name[1])
@@ -598,7 +607,7 @@ def test_network_policies_admit_only_the_intended_pods(rendered, overlay):
     mlflow = _find(objs, "Deployment", "mlflow")
     postgres = _find(objs, "StatefulSet", "mlflow-postgres")
     assert POD_LABEL == ("proxytune.io/role", "pipeline")
-    assert _admitted(objs, minio, 9000) == {PIPELINE, "mlflow", "minio-buckets"}
+    assert _admitted(objs, minio, 9000) == {PIPELINE, "mlflow"}  # MLflow runs the bucket script too
     assert _admitted(objs, minio, 9001) == set()  # the console: `kubectl port-forward` only
     assert _admitted(objs, mlflow, 5000) == {PIPELINE}
     assert _admitted(objs, postgres, 5432) == {"mlflow"}
