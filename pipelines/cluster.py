@@ -39,7 +39,10 @@ _SCALE = {"m": 1e-3, "": 1} | {
 
 def quantity(value: str) -> float:
     """A Kubernetes quantity (`500m`, `4`, `96Gi`, `1.5G`) as a number of cores or bytes."""
-    number, unit = _QUANTITY.match(value).groups()
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
+    number, unit = match.groups()
     return float(number) * _SCALE[unit or ""]
 
 
@@ -58,8 +61,7 @@ class Resources(BaseModel):
     @field_validator("cpu", "memory", "cpu_limit", "memory_limit", "shm")
     @classmethod
     def _quantity(cls, value: str) -> str:
-        if not _QUANTITY.match(value):
-            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
+        quantity(value)
         return value
 
     @model_validator(mode="after")

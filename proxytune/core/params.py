@@ -1,8 +1,7 @@
 """The parameters of each stage, one validated model per section of a run (`ingest`,
 `supervisor`, `proxy`, `student`, `evaluation`, `registry`), with the bounds every field
 allows. `proxytune.core.config` assembles them into a run's parameters from a preset and
-overrides. Like everything a client (compile, submit, the registry commands) imports, it
-needs no torch."""
+overrides. It imports no torch itself (validating a backend name still loads the backends)."""
 
 from __future__ import annotations
 
