@@ -67,8 +67,7 @@ image:  ## build the pipeline and server images, tagged with the git commit (nee
 image-test: $(STAMP)  ## build both images and test them as pods run them (needs a Docker engine)
 	base=$(BASE_IMAGE); docker pull -q $$base >/dev/null 2>&1 \
 	  || { echo "cannot pull $$base: building a base from Debian packages"; images/base/build.sh proxytune-base:bookworm; base=proxytune-base:bookworm; }; \
-	docker build -q -f images/Dockerfile --build-arg BASE_IMAGE=$$base --target server -t proxytune-server:test . \
-	  && docker build -q -f images/Dockerfile --build-arg BASE_IMAGE=$$base --target pipeline -t proxytune:test .
+	$(MAKE) --no-print-directory image IMAGE=proxytune TAG=test BASE_IMAGE=$$base
 	PROXYTUNE_TEST_IMAGE=proxytune:test PROXYTUNE_TEST_SERVER_IMAGE=proxytune-server:test \
 	  $(BIN)/python -m pytest --durations=5 tests/test_image_run.py
 

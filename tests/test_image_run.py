@@ -5,7 +5,7 @@ PROXYTUNE_TEST_SERVER_IMAGE the server image.
 - a component runs exactly as the compiled YAML's command and args say, with the executor
   input the KFP launcher would pass, as an arbitrary UID in group 0 (OpenShift), writing its
   outputs under the image's own /minio;
-- the server image serves MLflow with the manifest's command, and pipeline containers log to it.
+- the server image serves MLflow, and a pipeline container logs to it.
 """
 
 from __future__ import annotations

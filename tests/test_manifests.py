@@ -72,6 +72,19 @@ def _write_env(overlay_dir: Path, files: dict[str, dict[str, str]]) -> None:
         (overlay_dir / name).write_text("".join(f"{key}={value}\n" for key, value in values.items()))
 
 
+def _tree_with_env(tmp: Path) -> Path:
+    """manifests/ copied under tmp, with the test env files in every overlay that reads them."""
+    tree = _copy_tree(tmp)
+    for overlay in ENV_OVERLAYS:
+        _write_env(tree / "overlays" / overlay, TEST_ENV)
+    return tree
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """`$(VAR)` references expanded as the kubelet expands them in command and args."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
+
+
 def _kustomize(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
 
@@ -85,10 +98,8 @@ def _render(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     """Each overlay rendered with the test env files."""
-    tree = _copy_tree(tmp_path_factory.mktemp("rendered"))
+    tree = _tree_with_env(tmp_path_factory.mktemp("rendered"))
     out = {}
-    for overlay in ENV_OVERLAYS:
-        _write_env(tree / "overlays" / overlay, TEST_ENV)
     for overlay in OVERLAYS:
         out[overlay] = _render(tree / "overlays" / overlay)
     return out
@@ -302,10 +313,7 @@ def test_images_are_pinned_to_a_release_tag_not_latest(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_one_images_entry_repoints_every_proxytune_container_to_the_slim_server_image(tmp_path, overlay):
     """What `kustomize edit set image` (printed by `make image`) changes: the overlay's `images:`."""
-    tree = _copy_tree(tmp_path)
-    folder = tree / "overlays" / overlay
-    for env_overlay in ENV_OVERLAYS:
-        _write_env(tree / "overlays" / env_overlay, TEST_ENV)
+    folder = _tree_with_env(tmp_path) / "overlays" / overlay
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
     (entry,) = [i for i in kustomization["images"] if i["name"] == SERVER_IMAGE]
     entry.update(newName="registry.example/proxytune-server", newTag="abc123")
@@ -622,7 +630,7 @@ def test_mlflow_allowed_hosts_admit_the_in_cluster_names_and_refuse_others(rende
     container = _container(objs, "Deployment", "mlflow", "mlflow")
     env = _env(container, objs, namespace)
     (flag,) = [a for a in container["args"] if a.startswith("--allowed-hosts=")]
-    allowed = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], flag.partition("=")[2]).split(",")
+    allowed = _expand(flag.partition("=")[2], env).split(",")
     tracking = urlparse(_find(objs, "ConfigMap", CONFIG_MAP)["data"]["mlflow-tracking-uri"]).netloc
     for host in (
         tracking,
@@ -690,9 +698,7 @@ def test_in_a_profile_namespace_proxytune_workloads_run_without_a_sidecar_behind
 
 
 def test_the_rwx_component_makes_the_model_cache_read_write_many(tmp_path):
-    tree = _copy_tree(tmp_path)
-    overlay = tree / "overlays" / "kubeflow"
-    _write_env(overlay, TEST_ENV)
+    overlay = _tree_with_env(tmp_path) / "overlays" / "kubeflow"
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
     kustomization["components"] = ["../../components/rwx-model-cache"]
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
@@ -784,7 +790,7 @@ def test_mlflow_server_started_as_the_manifest_says_stores_runs_in_postgresql_an
         "/tmp": str(tmp_path),
     }
     env = {name: _as_started_here(value, addresses) for name, value in env.items()}
-    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
+    args = [_expand(arg, env) for arg in container["args"]]
     executable, *rest = container["command"]
     command = [str(BIN / executable), *rest, *(_as_started_here(arg, addresses) for arg in args)]
     assert _as_started_here(container["workingDir"], addresses) == str(tmp_path)
